@@ -1,0 +1,169 @@
+"""Command line: ``python -m quant_core quantize MODEL ...`` (the contract in ARCHITECTURE.md).
+
+Bad input (unknown family, missing files, non-safetensors weights, impossible bit settings,
+unreadable text) ends with one ``error:`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import A_BITS, KV_BITS, W_BITS, ConfigError, Method, make_config
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 3
+EXIT_INTERNAL = 1
+
+
+def _settings_pair(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quant_core", description="SpinQuant 4-bit quantization")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model and report FP vs quantized perplexity")
+    q.add_argument("model", help="Hugging Face model id, or a local directory in HF layout")
+    q.add_argument("--revision", help="branch, tag or commit of a hub model")
+    q.add_argument("--method", default="spinquant", choices=[m.value for m in Method], help="preset (default spinquant)")
+    q.add_argument("--w-bits", type=int, choices=W_BITS, help="weight bits; 16 = not quantized (default 4)")
+    q.add_argument("--a-bits", type=int, choices=A_BITS, help="activation bits; 16 = not quantized (default 16)")
+    q.add_argument("--kv-bits", type=int, choices=KV_BITS, help="KV cache bits; 16 = not quantized (default 16)")
+    q.add_argument("--w-group-size", type=int, help="input columns per weight scale; -1 = per output channel")
+    data = q.add_mutually_exclusive_group()
+    data.add_argument("--calib-text", type=Path, help="plain text file for calibration and rotation learning")
+    data.add_argument("--calib-dataset", help="datasets name for calibration, e.g. wikitext2 (default)")
+    q.add_argument("--calib-samples", type=int, help="GPTQ calibration windows (default 128)")
+    q.add_argument("--seq-len", type=int, help="tokens per window for calibration, learning and evaluation (default 2048)")
+    ev = q.add_mutually_exclusive_group()
+    ev.add_argument("--eval-text", type=Path, help="plain text file for perplexity")
+    ev.add_argument("--eval-dataset", help="datasets name for perplexity, e.g. wikitext2 (default)")
+    q.add_argument("--eval-windows", type=int, help="score only the first N windows (default: all)")
+    q.add_argument("--steps", type=int, help="Cayley SGD steps (default 100)")
+    q.add_argument("--lr", type=float, help="Cayley SGD step size (default 1.5, cosine decay)")
+    q.add_argument("--train-samples", type=int, help="training blocks from the start of the calibration text (default 800)")
+    q.add_argument("--batch-size", type=int, help="sequences per learning step (default 8)")
+    q.add_argument("--micro-batch", type=int, help="sequences per forward during learning (default 8)")
+    q.add_argument("--r4", help="down_proj Hadamard: none, full, block:<b> (default: full when activations are quantized)")
+    q.add_argument("--seed", type=int, help="seed for rotations, calibration windows and fallbacks (default 0)")
+    q.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    q.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="default auto")
+    q.add_argument("--set", dest="settings", action="append", type=_settings_pair, default=[], metavar="KEY=VALUE",
+                   help="any config field by dotted name, e.g. --set weights.gptq.act_order=true (repeatable)")
+    q.add_argument("--out", type=Path, help="folder for the checkpoint (must not exist or be empty)")
+    q.add_argument("--report-json", type=Path, help="write the report here")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar (plain stage lines instead)")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> Any:
+    calib = f"file:{a.calib_text}" if a.calib_text else a.calib_dataset
+    evals = f"file:{a.eval_text}" if a.eval_text else a.eval_dataset
+    settings = dict(a.settings)
+    return make_config(
+        a.method, w_bits=a.w_bits, a_bits=a.a_bits, kv_bits=a.kv_bits, w_group_size=a.w_group_size,
+        calib_source=calib, calib_samples=a.calib_samples, seq_len=a.seq_len, eval_source=evals,
+        eval_windows=a.eval_windows, steps=a.steps, lr=a.lr, train_samples=a.train_samples,
+        batch_size=a.batch_size, micro_batch=a.micro_batch, r4=a.r4, seed=a.seed, device=a.device, dtype=a.dtype,
+        settings=settings or None,
+    )
+
+
+class _Bar:
+    """A tqdm bar per stage on a terminal; plain lines (stage starts and every 10%) otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.tty = enabled and sys.stderr.isatty()
+        self.stage: str | None = None
+        self.bar: Any = None
+        self.last_tenth = -1
+
+    def __call__(self, stage: str, fraction: float, info: dict[str, Any]) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.last_tenth = stage, -1
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=1000, desc=f"{stage:<12}", leave=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+        post = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items() if k in ("step", "loss", "layer", "windows")}
+        if self.bar is not None:
+            self.bar.n = int(fraction * 1000)
+            self.bar.set_postfix(post, refresh=True)
+        else:
+            tenth = int(fraction * 10)
+            if tenth != self.last_tenth:
+                self.last_tenth = tenth
+                extra = " ".join(f"{k}={v}" for k, v in post.items())
+                print(f"[{stage}] {fraction * 100:5.1f}% {extra}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _quantize(a: argparse.Namespace) -> int:
+    cfg = config_from_args(a)
+    if a.out is not None and a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
+        raise ConfigError(f"--out {a.out} already exists and is not an empty folder")
+    from .pipeline import quantize_model  # heavy imports only once the arguments are valid
+
+    bar = _Bar(not a.no_progress)
+    try:
+        result = quantize_model(a.model, cfg, revision=a.revision, progress=bar)
+        if a.out is not None:
+            import time
+
+            from .export import save_job_output
+
+            t0 = time.perf_counter()
+            bar("export", 0.0, {})
+            save_job_output(result, a.out)
+            result.report["timings_s"]["export"] = time.perf_counter() - t0
+            result.report["timings_s"]["total"] += result.report["timings_s"]["export"]
+            bar("export", 1.0, {})
+    finally:
+        bar.close()
+    rep = result.report
+    if a.report_json is not None:
+        a.report_json.parent.mkdir(parents=True, exist_ok=True)
+        a.report_json.write_text(json.dumps(rep, indent=2))
+    gap = (rep["quant_ppl"] / rep["fp_ppl"] - 1) * 100
+    print(f"{rep['method']} {rep['scheme']}: FP ppl {rep['fp_ppl']:.4f} -> quantized ppl {rep['quant_ppl']:.4f} "
+          f"({gap:+.2f}%) in {rep['timings_s']['total']:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "quantize":
+            return _quantize(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as exc:  # classify: bad input is the user's to fix, the rest is ours
+        from .calibration import DataError
+        from .models import ModelError
+        from .progress import Cancelled
+
+        if isinstance(exc, (ConfigError, ModelError, DataError, FileExistsError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(exc, Cancelled):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CANCELLED
+        raise
+    return EXIT_BAD_INPUT

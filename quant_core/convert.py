@@ -1,0 +1,105 @@
+"""CONVERT: quantize the (rotated, merged) decoder weights with GPTQ or RTN, layer by layer.
+
+GPTQ follows SPINQUANT.md §8: within each layer the sub-groups [k, v, q] -> [o] -> [up, gate] ->
+[down] are quantized in order, each sub-group's Hessian collected with the earlier ones already
+quantized; the layer output is then recomputed with quantized weights and becomes the next
+layer's input. Calibration activations are full precision with R4 active, so peak memory is the
+model plus one layer's activations for the calibration windows.
+
+Example:
+    >>> qweights = quantize_weights(model, cfg, calib, rt_calib, progress, should_cancel)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import SpinQuantConfig, WeightAlgo
+from .gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
+from .models import DecoderLM, QuantRuntime, decoder_linears, layer_prefix
+from .progress import CancelFn, ProgressFn, check_cancel
+
+SEQUENTIAL_GROUPS = (("k_proj", "v_proj", "q_proj"), ("o_proj",), ("up_proj", "gate_proj"), ("down_proj",))
+
+
+def _quantize_one(lin: nn.Linear, cfg: SpinQuantConfig, hessian: Tensor | None) -> GPTQResult:
+    wq = cfg.weights
+    scale_dtype = lin.weight.dtype  # scales are stored in the model dtype, so round them to it first
+    w = lin.weight.detach().float()
+    if hessian is None:
+        res = rtn_quantize(w, bits=wq.bits, group_size=wq.group_size, sym=wq.sym, mse_clip=wq.mse_clip,
+                           scale_dtype=scale_dtype)
+    else:
+        g = wq.gptq
+        res = gptq_quantize(w, hessian, bits=wq.bits, group_size=wq.group_size, sym=wq.sym, mse_clip=wq.mse_clip,
+                            damp=g.damp, block_size=g.block_size, act_order=g.act_order,
+                            static_groups=g.static_groups, scale_dtype=scale_dtype)
+    with torch.no_grad():
+        lin.weight.copy_(res.weight.to(lin.weight.dtype))
+    return res
+
+
+@torch.no_grad()
+def _layer_forward(model: DecoderLM, i: int, h: Tensor, rt: QuantRuntime | None, micro: int) -> Tensor:
+    """Run layer i over all calibration windows in micro-batches; h is (N, L, d) on the model device."""
+    layer = model.model.layers[i]
+    cos, sin = model.rope(h.shape[1], h.device, h.dtype)
+    return torch.cat([layer(h[s : s + micro], cos, sin, rt) for s in range(0, h.shape[0], micro)])
+
+
+def quantize_weights(
+    model: DecoderLM,
+    cfg: SpinQuantConfig,
+    calib: Tensor | None,
+    rt_calib: QuantRuntime | None,
+    progress: ProgressFn,
+    should_cancel: CancelFn,
+    micro_batch: int = 8,
+) -> dict[str, GPTQResult]:
+    """Quantize every decoder linear in place (dequantized values stay in the weights) and return the
+    integer results keyed by checkpoint prefix, e.g. ``model.layers.0.self_attn.q_proj``.
+
+    Args:
+        calib: (N, L) calibration windows; required for GPTQ, ignored for RTN.
+        rt_calib: the runtime during calibration (R4 online, no activation/KV quantization).
+    """
+    arch = model.arch
+    results: dict[str, GPTQResult] = {}
+    if cfg.weights.algo is WeightAlgo.RTN:
+        for i in range(arch.n_layers):
+            check_cancel(should_cancel, f"quantizing layer {i + 1}/{arch.n_layers}")
+            for name, lin in decoder_linears(model, i).items():
+                results[layer_prefix(name, i)] = _quantize_one(lin, cfg, None)
+            progress("quantize", (i + 1) / arch.n_layers, {"layer": i + 1, "of": arch.n_layers})
+        return results
+
+    assert calib is not None and calib.ndim == 2, "GPTQ needs (N, L) calibration windows"
+    device = model.lm_head.weight.device
+    h = torch.cat([model.embed(calib[s : s + micro_batch].to(device)) for s in range(0, calib.shape[0], micro_batch)])
+    for i in range(arch.n_layers):
+        check_cancel(should_cancel, f"quantizing layer {i + 1}/{arch.n_layers}")
+        linears = decoder_linears(model, i)
+        loss: dict[str, Any] = {}
+        for group in SEQUENTIAL_GROUPS:
+            accs = {name: HessianAccumulator(linears[name].in_features, device) for name in group}
+            hooks = [
+                linears[name].register_forward_hook(
+                    lambda _m, inp, _out, acc=accs[name]: acc.add_batch(inp[0].detach().float())
+                )
+                for name in group
+            ]
+            try:
+                _layer_forward(model, i, h, rt_calib, micro_batch)
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            for name in group:
+                res = _quantize_one(linears[name], cfg, accs[name].hessian)
+                results[layer_prefix(name, i)] = res
+                loss[name] = res.loss
+        h = _layer_forward(model, i, h, rt_calib, micro_batch)  # outputs of the quantized layer
+        progress("quantize", (i + 1) / arch.n_layers, {"layer": i + 1, "of": arch.n_layers, "gptq_loss": loss})
+    return results

@@ -1,0 +1,136 @@
+"""Rotation learning (TRAIN_ROTATION): R1 and every R2 by Cayley SGD on the Stiefel manifold.
+
+The loss is next-token cross-entropy of the fake-quantized model; every fake quantizer is a
+straight-through estimator, so gradients reach R1/R2 through the rotated weights, which are
+formed on the fly in float64 each forward (nothing is merged while learning). Model weights stay
+frozen. With no quantizer in the loss the loss is exactly rotation-invariant and gives no signal,
+so callers must enable activation/KV (or weight) quantization first.
+
+Example:
+    >>> result = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel)
+    >>> result.loss_curve[:3]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from .cayley import cayley_step, cosine_lr, orthogonality_error, reorthonormalize
+from .config import SpinQuantConfig
+from .models import DecoderLM
+from .progress import CancelFn, ProgressFn, check_cancel
+from .quantizers import fake_quant_weight
+from .rotation import layer_tensors, rotate_layer
+
+
+@dataclass
+class LearnResult:
+    r1: Tensor  # (d, d) float64
+    r2s: list[Tensor]  # n_layers x (hd, hd) float64
+    loss_curve: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)  # pre-clip, as the HF Trainer logs them
+    max_orth_error: float = 0.0
+    seconds: float = 0.0
+
+
+def rotated_params(model: DecoderLM, r1: Tensor, r2s: list[Tensor], w_bits: int, cfg: SpinQuantConfig) -> dict[str, Tensor]:
+    """Parameters of every decoder linear with R1/R2 applied (float64 math, model dtype out),
+    weight-fake-quantized with STE when w_bits < 16. Keys are checkpoint names."""
+    dtype = model.lm_head.weight.dtype
+    out: dict[str, Tensor] = {}
+    for i in range(model.arch.n_layers):
+        base = {k: (None if v is None else v.double()) for k, v in layer_tensors(model, i).items()}
+        rot = rotate_layer(base, model.arch, r1, r2s[i])
+        for key, value in rot.items():
+            if value is None:
+                continue
+            value = value.to(dtype)
+            if w_bits < 16 and key.endswith(".weight"):
+                wq = cfg.weights
+                value = fake_quant_weight(value, bits=w_bits, group_size=wq.group_size, sym=wq.sym, mse_clip=wq.mse_clip)
+            block = "self_attn" if key.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            out[f"model.layers.{i}.{block}.{key}"] = value
+    return out
+
+
+def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
+    """Next-token cross-entropy; labels are the inputs shifted by one."""
+    # (B, L, V) -> (B*(L-1), V) against (B*(L-1),)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def train_rotations(
+    model: DecoderLM,
+    cfg: SpinQuantConfig,
+    blocks: Tensor,
+    r1: Tensor,
+    r2s: list[Tensor],
+    progress: ProgressFn,
+    should_cancel: CancelFn,
+) -> LearnResult:
+    """Learn R1 and all R2 for cfg.train.steps Cayley-SGD steps.
+
+    Args:
+        model: norm-folded model with R4 fused and ``model.quant`` set to the training quantizers.
+        cfg: the job config (train.* hyperparameters; train_w_bits for weight fake-quant).
+        blocks: (N, L) token blocks; step t uses blocks [t*B, (t+1)*B) modulo N.
+        r1, r2s: float64 initial rotations (random Hadamard).
+        progress: called once per step with {"step", "loss", "grad_norm", "orth_error", "lr"}.
+        should_cancel: checked before every step.
+    """
+    tc = cfg.train
+    assert blocks.ndim == 2 and blocks.shape[0] >= 1, f"blocks must be (N, L), got {tuple(blocks.shape)}"
+    device = model.lm_head.weight.device
+    r1 = r1.detach().double().to(device).requires_grad_(True)
+    r2s = [r.detach().double().to(device).requires_grad_(True) for r in r2s]
+    w_bits = cfg.train_w_bits
+    result = LearnResult(r1=r1.detach(), r2s=[r.detach() for r in r2s])
+    accum = tc.batch_size // tc.micro_batch
+    start = time.perf_counter()
+    n = blocks.shape[0]
+    cursor = 0
+    for step in range(tc.steps):
+        check_cancel(should_cancel, f"rotation learning step {step + 1}/{tc.steps}")
+        step_loss = 0.0
+        for _ in range(accum):
+            idx = torch.arange(cursor, cursor + tc.micro_batch) % n
+            cursor = (cursor + tc.micro_batch) % n
+            ids = blocks[idx].to(device)
+            params = rotated_params(model, r1, r2s, w_bits, cfg)
+            logits = functional_call(model, params, (ids,), {"r1": r1})
+            loss = lm_loss(logits, ids) / accum
+            loss.backward()
+            step_loss += float(loss.detach())
+        grads = [r1.grad, *(r.grad for r in r2s)]
+        sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+        norm = math.sqrt(sq)
+        clip = min(1.0, tc.grad_clip / (norm + 1e-6))  # global-norm clipping over R1 and all R2
+        lr = cosine_lr(tc.lr, step, tc.steps)
+        orth = 0.0
+        with torch.no_grad():
+            for r in (r1, *r2s):
+                g = torch.zeros_like(r) if r.grad is None else r.grad * clip
+                r.copy_(cayley_step(r, g, lr, step_cap=tc.step_cap))
+                r.grad = None
+                orth = max(orth, float(orthogonality_error(r)))
+        result.loss_curve.append(step_loss)
+        result.grad_norms.append(norm)
+        result.max_orth_error = max(result.max_orth_error, orth)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"rotation learning diverged at step {step + 1}: loss {step_loss}")
+        info: dict[str, Any] = {"step": step + 1, "steps": tc.steps, "loss": step_loss, "grad_norm": norm,
+                                "orth_error": orth, "lr": lr}
+        progress("learn", (step + 1) / tc.steps, info)
+    with torch.no_grad():
+        result.r1 = reorthonormalize(r1.detach())
+        result.r2s = [reorthonormalize(r.detach()) for r in r2s]
+    result.seconds = time.perf_counter() - start
+    return result

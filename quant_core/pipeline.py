@@ -1,0 +1,253 @@
+"""The whole job on one machine: load -> evaluate FP -> prepare -> learn -> quantize -> evaluate -> save.
+
+``quantize_model`` is the one public verb used by the CLI and the worker. It takes the config and
+two callables (progress, should_cancel) and returns the report of ARCHITECTURE.md.
+
+Example:
+    >>> cfg = make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4,
+    ...                   calib_source="file:train.txt", eval_source="file:test.txt", seq_len=256)
+    >>> report = quantize_model("tests/fixtures/models/llama-tiny", cfg).report
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .calibration import calibration_windows, encode, eval_windows, load_text, load_tokenizer, train_blocks
+from .config import ConfigError, Rotation, SpinQuantConfig, config_to_dict, vllm_serving_verdict
+from .convert import quantize_weights
+from .evaluate import perplexity
+from .gptq import GPTQResult
+from .hadamard import HadamardPlan, plan_hadamard, random_hadamard_matrix
+from .learn import train_rotations
+from .models import ArchSpec, DecoderLM, ModelError, QuantRuntime, load_model, resolve_model
+from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
+from .rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class QuantizeResult:
+    """What a job produced, in memory: the fake-quantized model, its integers, rotations and report."""
+
+    model: DecoderLM
+    arch: ArchSpec
+    cfg: SpinQuantConfig
+    report: dict[str, Any]
+    source_path: Path
+    r1: Tensor | None = None
+    r2s: list[Tensor] | None = None
+    qweights: dict[str, GPTQResult] = field(default_factory=dict)
+    runtime: QuantRuntime | None = None
+    eval_windows: Tensor | None = None
+
+
+def resolve_device(cfg: SpinQuantConfig) -> tuple[str, torch.dtype]:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was requested but no CUDA device is available; accepted here: cpu, auto")
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if cfg.dtype == "auto":
+        return device, (torch.bfloat16 if device == "cuda" else torch.float32)
+    return device, _DTYPES[cfg.dtype]
+
+
+@dataclass(frozen=True)
+class Plans:
+    r3: HadamardPlan | None
+    r4: HadamardPlan | None
+
+
+def validate_environment(cfg: SpinQuantConfig, arch: ArchSpec) -> Plans:
+    """Refuse impossible combinations for this model before any compute is spent."""
+    g = cfg.weights.group_size
+    if cfg.weights.bits < 16 and g != -1:
+        for name, (_, fan_in) in arch.linear_shapes().items():
+            if fan_in % g:
+                raise ConfigError(
+                    f"weights.group_size={g} does not divide the input width {fan_in} of {name}; "
+                    f"accepted: -1 or a divisor of {arch.hidden}, {arch.n_heads * arch.head_dim} and {arch.intermediate}"
+                )
+    fallback = cfg.rotation.fallback.value
+    r3 = r4 = None
+    try:
+        if cfg.r3_on:
+            r3 = plan_hadamard(arch.head_dim, mode="full", fallback=fallback, seed=cfg.seed)
+        mode, block = cfg.r4_mode
+        if mode == "full":
+            r4 = plan_hadamard(arch.intermediate, mode="full", fallback=fallback, seed=cfg.seed)
+        elif mode == "block":
+            r4 = plan_hadamard(arch.intermediate, mode="block", block=block, fallback=fallback, seed=cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"rotation: {exc}") from None
+    if cfg.activations.o_proj_per_head and cfg.activations.bits < 16 and arch.head_dim < 2:
+        raise ConfigError("activations.o_proj_per_head needs head_dim >= 2")
+    return Plans(r3=r3, r4=r4)
+
+
+def _runtime(cfg: SpinQuantConfig, arch: ArchSpec, plans: Plans, *, a_bits: int, kv_bits: int) -> QuantRuntime:
+    a, kv = cfg.activations, cfg.kv
+    return QuantRuntime(
+        a_bits=a_bits, a_sym=a.sym, a_clip=a.clip_ratio, o_group=arch.head_dim if a.o_proj_per_head else -1,
+        kv_bits=kv_bits, kv_sym=kv.sym, kv_clip=kv.clip_ratio, r3=plans.r3, r4=plans.r4,
+    )
+
+
+def _init_rotations(arch: ArchSpec, seed: int) -> tuple[Tensor, list[Tensor]]:
+    """Random-Hadamard R1 and per-layer R2 (float64, seeded); QR-orthogonal where no K exists."""
+    gen = torch.Generator().manual_seed(seed)
+    r1 = random_hadamard_matrix(arch.hidden, gen)
+    r2s = [random_hadamard_matrix(arch.head_dim, gen) for _ in range(arch.n_layers)]
+    return r1, r2s
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+@torch.no_grad()
+def _logits(model: DecoderLM, ids: Tensor) -> Tensor:
+    return model(ids.to(model.lm_head.weight.device)).float().cpu()
+
+
+def quantize_model(
+    model_ref: str,
+    cfg: SpinQuantConfig,
+    *,
+    revision: str | None = None,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelFn = never_cancel,
+    cache_dir: str | None = None,
+) -> QuantizeResult:
+    """Run the pipeline for one model and return the fake-quantized model and its report.
+
+    Args:
+        model_ref: a local HF-layout folder or a Hugging Face id.
+        cfg: the validated job config.
+        progress: ``progress(stage, fraction, info)``, at least once per learning step and per layer.
+        should_cancel: checked between steps, layers and evaluation batches; raises Cancelled.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    device, dtype = resolve_device(cfg)
+
+    # -- load ------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    progress("load", 0.0, {"model": model_ref})
+    src = resolve_model(model_ref, revision, cache_dir)
+    from .models import arch_from_config
+
+    arch = arch_from_config(src.config)
+    plans = validate_environment(cfg, arch)
+    tokenizer = load_tokenizer(src.path)
+    eval_tokens = encode(tokenizer, load_text(cfg.eval.source, "test"), bos=False)
+    windows = eval_windows(eval_tokens, cfg.eval.seq_len, cfg.eval.max_windows)
+    needs_calib = cfg.weights.bits < 16 and cfg.weights.algo.value == "gptq"
+    learning = cfg.rotation.r1r2 is Rotation.LEARNED and cfg.train.steps > 0
+    calib_text = load_text(cfg.calib.source, "train") if (needs_calib or learning) else ""
+    check_cancel(should_cancel, "load")
+    model = load_model(src, dtype=dtype, device=device)
+    timings["load"] = time.perf_counter() - t0
+    progress("load", 1.0, {"model": model_ref, "family": arch.family, "layers": arch.n_layers})
+
+    # -- FP perplexity on exactly the windows the quantized model will see -------------------------
+    t0 = time.perf_counter()
+    fp_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate_fp")
+    probe = windows[:1]
+    fp_logits = _logits(model, probe)
+    timings["evaluate"] = time.perf_counter() - t0
+
+    # -- prepare: fold norms, centre embeddings, fuse R4, random-Hadamard init -------------------
+    r1 = r2s = None
+    invariance: float | None = None
+    if cfg.rotating:
+        progress("prepare", 0.0, {})
+        fold_norms(model)
+        if cfg.rotation.center_embeddings:
+            center_embeddings(model)
+        if plans.r4 is not None:
+            fuse_r4(model, plans.r4)
+        r1, r2s = _init_rotations(arch, cfg.seed)
+        progress("prepare", 1.0, {"r3": plans.r3.describe() if plans.r3 else "off",
+                                  "r4": plans.r4.describe() if plans.r4 else "off"})
+
+    # -- learn R1/R2 -------------------------------------------------------------------------------
+    loss_curve: list[float] = []
+    learn_info: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if learning:
+        assert r1 is not None and r2s is not None
+        blocks = train_blocks(encode(tokenizer, calib_text, bos=False), cfg.train.samples, cfg.calib.seq_len)
+        model.quant = _runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
+        try:
+            res = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel)
+        finally:
+            model.quant = None
+        r1, r2s, loss_curve = res.r1, res.r2s, res.loss_curve
+        learn_info = {"max_orth_error": res.max_orth_error, "grad_norms": res.grad_norms,
+                      "train_blocks": int(blocks.shape[0]), "train_w_bits": cfg.train_w_bits}
+    timings["learn"] = time.perf_counter() - t0
+
+    # -- convert: merge rotations, then quantize the weights layer by layer ---------------------------
+    t0 = time.perf_counter()
+    if cfg.rotating:
+        assert r1 is not None
+        merge_rotations(model, r1, r2s)
+        model.quant = _runtime(cfg, arch, plans, a_bits=16, kv_bits=16)  # online R3/R4 only
+        invariance = float((_logits(model, probe) - fp_logits).abs().max())
+    qweights: dict[str, GPTQResult] = {}
+    if cfg.weights.bits < 16:
+        calib = None
+        if needs_calib:
+            calib = calibration_windows(encode(tokenizer, calib_text, bos=True), cfg.calib.samples,
+                                        cfg.calib.seq_len, cfg.seed)
+        rt_calib = QuantRuntime(r4=plans.r4)  # full-precision activations, R4 active (§8)
+        qweights = quantize_weights(model, cfg, calib, rt_calib, progress, should_cancel)
+    timings["quantize"] = time.perf_counter() - t0
+
+    # -- evaluate the model exactly as it will be exported -----------------------------------------------
+    t0 = time.perf_counter()
+    runtime = _runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
+    model.quant = runtime
+    quant_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate")
+    timings["evaluate"] += time.perf_counter() - t0
+    timings["export"] = 0.0
+    timings["total"] = time.perf_counter() - t_start
+
+    report: dict[str, Any] = {
+        "method": cfg.method.value,
+        "scheme": cfg.scheme,
+        "settings": config_to_dict(cfg),
+        "model": {"id": src.model_id, "revision": src.revision, "family": arch.family, "untied": arch.tied,
+                  "dtype": str(dtype).replace("torch.", ""), "device": device},
+        "fp_ppl": fp_ppl,
+        "quant_ppl": quant_ppl,
+        "eval": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                 "tokens": int(windows.numel()), "source": cfg.eval.source},
+        "serving": {"vllm": vllm_serving_verdict(cfg)},
+        "rotation": {"r1r2": cfg.rotation.r1r2.value,
+                     "r3": plans.r3.describe() if plans.r3 else "off",
+                     "r4": plans.r4.describe() if plans.r4 else "off",
+                     "center_embeddings": cfg.rotation.center_embeddings and cfg.rotating,
+                     "invariance_max_abs_logit_diff": invariance, **learn_info},
+        "timings_s": timings,
+        "peak_rss_mb": _peak_rss_mb(),
+        "loss_curve": loss_curve,
+        "checkpoint_bytes": 0,
+        "versions": {"quant_core": __version__, "torch": torch.__version__},
+    }
+    if device == "cuda":
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return QuantizeResult(model=model, arch=arch, cfg=cfg, report=report, source_path=src.path, r1=r1, r2s=r2s,
+                          qweights=qweights, runtime=runtime, eval_windows=windows)
+
+
+__all__ = ["QuantizeResult", "quantize_model", "validate_environment", "ModelError", "ConfigError"]

@@ -1,0 +1,35 @@
+"""Shared fixtures: the committed trained models and texts, and tiny random models of every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+MODELS = FIXTURES / "models"
+TRAIN_TEXT = FIXTURES / "text" / "train.txt"
+TEST_TEXT = FIXTURES / "text" / "test.txt"
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    """build(case) -> folder of a seeded random-init HF model (cached per session)."""
+    from tests.fixtures.tiny_random import build_tiny
+
+    base = tmp_path_factory.mktemp("tiny")
+    cache: dict[str, Path] = {}
+
+    def build(case: str) -> Path:
+        if case not in cache:
+            cache[case] = build_tiny(case, base / case)
+        return cache[case]
+
+    return build
