@@ -271,10 +271,13 @@ class SpinQuantConfig:
 
     @property
     def train_w_bits(self) -> int:
-        """Weight bits inside the learning loss: W16 when GPTQ follows (paper main results), else target."""
+        """Weight bits inside the learning loss (SPINQUANT.md §6): W16 when GPTQ follows and activations
+        or KV are quantized (the paper's main results); otherwise the target bits, because a loss with
+        no quantizer in it is rotation-invariant and gives no signal."""
         if self.train.train_w_bits is not None:
             return self.train.train_w_bits
-        return 16 if self.weights.algo is WeightAlgo.GPTQ else self.weights.bits
+        acts_quantized = self.activations.bits < 16 or self.kv.bits < 16
+        return 16 if (self.weights.algo is WeightAlgo.GPTQ and acts_quantized) else self.weights.bits
 
     @property
     def scheme(self) -> str:

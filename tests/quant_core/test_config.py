@@ -29,6 +29,7 @@ def test_preset_contents() -> None:
     assert not sq.activations.sym and sq.activations.clip_ratio == 1.0
     w_only = make_config("spinquant", w_bits=4, a_bits=16, kv_bits=16)
     assert w_only.r4_mode == ("none", None) and not w_only.r3_on  # SpinQuant_no_had for W4A16
+    assert w_only.train_w_bits == 4  # no activation quantizer, so the loss needs the weight one
     qr = make_config("quarot", w_bits=4, a_bits=4, kv_bits=4)
     assert qr.rotation.r1r2 is Rotation.RANDOM and qr.activations.clip_ratio == 0.9 and qr.kv.clip_ratio == 0.95
     rtn = make_config("rtn", w_bits=4, a_bits=4)

@@ -1,0 +1,163 @@
+"""The whole pipeline and the CLI on the trained fixture: report contract, progress, cancel, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant_core.config import ConfigError, make_config
+from quant_core.pipeline import quantize_model
+from quant_core.progress import Cancelled
+from tests.conftest import MODELS, ROOT, TEST_TEXT, TRAIN_TEXT
+
+LLAMA = MODELS / "llama-tiny"
+QWEN = MODELS / "qwen2-tiny"
+SMALL = dict(seq_len=128, calib_samples=8, train_samples=16, batch_size=4, micro_batch=4, eval_windows=6,
+             calib_source=f"file:{TRAIN_TEXT}", eval_source=f"file:{TEST_TEXT}", device="cpu")
+
+
+def _cfg(method: str = "spinquant", steps: int = 3, **kw):
+    return make_config(method, w_bits=kw.pop("w_bits", 4), a_bits=kw.pop("a_bits", 4), kv_bits=kw.pop("kv_bits", 4),
+                       steps=steps, **{**SMALL, **kw})
+
+
+def test_report_contract_and_progress() -> None:
+    calls: list[tuple[str, float, dict]] = []
+    res = quantize_model(str(LLAMA), _cfg(), progress=lambda s, f, i: calls.append((s, f, i)))
+    rep = res.report
+    for key in ("method", "settings", "fp_ppl", "quant_ppl", "serving", "timings_s", "peak_rss_mb", "loss_curve",
+                "checkpoint_bytes"):
+        assert key in rep
+    assert set(rep["timings_s"]) >= {"load", "learn", "quantize", "evaluate", "export", "total"}
+    assert rep["settings"]["_type"] == "SpinQuantConfig"
+    assert len(rep["loss_curve"]) == 3 and all(x > 0 for x in rep["loss_curve"])
+    assert 1.0 < rep["fp_ppl"] < rep["quant_ppl"]
+    assert rep["rotation"]["max_orth_error"] < 1e-10
+    assert rep["rotation"]["r4"] == "full K=12" and rep["rotation"]["r3"].startswith("full")
+    stages = [s for s, _, _ in calls]
+    order = ["load", "evaluate_fp", "prepare", "learn", "quantize", "evaluate"]
+    assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == order  # each stage once, in order
+    learn_steps = [i["step"] for s, _, i in calls if s == "learn"]
+    assert learn_steps == [1, 2, 3]
+    layers = [i["layer"] for s, _, i in calls if s == "quantize"]
+    assert layers == [1, 2, 3, 4]
+    fractions = [f for s, f, _ in calls if s == "learn"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_invariance_gate_before_quantization_without_centering() -> None:
+    """All rotations merged, nothing quantized: logits match the source model (fp32)."""
+    cfg = _cfg("quarot", steps=0, settings={"rotation.center_embeddings": False})
+    rep = quantize_model(str(QWEN), cfg).report
+    assert rep["rotation"]["invariance_max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "quarot", "spinquant-vllm"])
+def test_every_method_runs_and_fp_is_shared(method: str) -> None:
+    rep = quantize_model(str(QWEN), _cfg(method, steps=2, kv_bits=16)).report
+    assert rep["method"] == method
+    assert rep["quant_ppl"] > rep["fp_ppl"] > 1.0
+
+
+def test_fp_ppl_is_identical_across_methods() -> None:
+    a = quantize_model(str(LLAMA), _cfg("rtn", a_bits=16, kv_bits=16)).report
+    b = quantize_model(str(LLAMA), _cfg("quarot", steps=0, a_bits=8, kv_bits=8)).report
+    assert a["fp_ppl"] == b["fp_ppl"]
+    assert a["eval"] == b["eval"]
+
+
+def test_cancel_stops_within_one_learning_step() -> None:
+    seen: list[int] = []
+
+    def progress(stage, fraction, info):
+        if stage == "learn":
+            seen.append(info["step"])
+
+    with pytest.raises(Cancelled, match="learning step 3/50"):
+        quantize_model(str(LLAMA), _cfg(steps=50), progress=progress, should_cancel=lambda: len(seen) >= 2)
+    assert seen == [1, 2]
+
+
+def test_cancel_stops_within_one_layer() -> None:
+    layers: list[int] = []
+
+    def progress(stage, fraction, info):
+        if stage == "quantize":
+            layers.append(info["layer"])
+
+    with pytest.raises(Cancelled, match="quantizing layer 2/4"):
+        quantize_model(str(LLAMA), _cfg("gptq", a_bits=16, kv_bits=16), progress=progress,
+                       should_cancel=lambda: len(layers) >= 1)
+    assert layers == [1]
+
+
+def test_group_size_that_does_not_divide_is_refused_before_work() -> None:
+    with pytest.raises(ConfigError, match="group_size=48 does not divide the input width 128"):
+        quantize_model(str(LLAMA), _cfg(w_group_size=48))
+
+
+def test_learning_lowers_the_loss_on_a_fixed_batch() -> None:
+    """Same 4 blocks every step: the learned rotation must reduce the quantized model's loss."""
+    cfg = _cfg(steps=12, train_samples=4, a_bits=4, kv_bits=4)
+    rep = quantize_model(str(LLAMA), cfg).report
+    curve = rep["loss_curve"]
+    assert min(curve[-3:]) < curve[0] - 0.01
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quant_core", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_end_to_end_writes_report_and_out(tmp_path: Path) -> None:
+    rep_file, out = tmp_path / "r.json", tmp_path / "ckpt"
+    r = _cli("quantize", str(LLAMA), "--method", "spinquant", "--w-bits", "4", "--a-bits", "4", "--kv-bits", "4",
+             "--seq-len", "128", "--calib-text", str(TRAIN_TEXT), "--eval-text", str(TEST_TEXT), "--calib-samples", "8",
+             "--train-samples", "8", "--batch-size", "4", "--micro-batch", "4", "--steps", "2", "--eval-windows", "4",
+             "--out", str(out), "--report-json", str(rep_file))
+    assert r.returncode == 0, r.stderr
+    assert "FP ppl" in r.stdout and "[learn]" in r.stderr  # plain progress lines when not a terminal
+    rep = json.loads(rep_file.read_text())
+    assert rep["scheme"] == "W4A4KV4" and len(rep["loss_curve"]) == 2 and rep["checkpoint_bytes"] > 0
+    assert (out / "SHA256SUMS").is_file() and (out / "spinquant" / "rotations.safetensors").is_file()
+    saved = json.loads((out / "eval_report.json").read_text())
+    assert saved["quant_ppl"] == rep["quant_ppl"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # nothing half-written left behind
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda t: ["quantize", str(t / "missing-model")], "neither a local directory nor a Hugging Face id"),
+        (lambda t: ["quantize", str(t)], "has no config.json"),
+        (lambda t: ["quantize", str(LLAMA), "--w-bits", "5"], "invalid choice: 5"),
+        (lambda t: ["quantize", str(LLAMA), "--a-bits", "4", "--set", "activations.clip_ratio=3"], "clip_ratio=3"),
+        (lambda t: ["quantize", str(LLAMA), "--eval-text", str(t / "nope.txt")], "does not exist"),
+        (lambda t: ["quantize", str(LLAMA), "--r4", "block:7"], "rotation.r4='block:7'"),
+        (lambda t: ["quantize", str(LLAMA), "--set", "nosuch=1"], "unknown setting 'nosuch'"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path: Path, make_args, message: str) -> None:
+    r = _cli(*make_args(tmp_path))
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_refuses_pickle_only_and_unknown_family(tmp_path: Path) -> None:
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((LLAMA / "config.json").read_text())
+    torch.save({"x": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    r = _cli("quantize", str(pickled), "--calib-text", str(TRAIN_TEXT), "--eval-text", str(TEST_TEXT))
+    assert r.returncode == 2 and "only .safetensors are loaded" in r.stderr and "Traceback" not in r.stderr
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    r = _cli("quantize", str(odd), "--calib-text", str(TRAIN_TEXT), "--eval-text", str(TEST_TEXT))
+    assert r.returncode == 2 and "supported: llama, mistral, qwen2" in r.stderr
