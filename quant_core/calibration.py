@@ -76,10 +76,16 @@ def load_tokenizer(path: Path | str) -> Any:
 
 def encode(tokenizer: Any, text: str, bos: bool = False) -> Tensor:
     """Token ids of the whole text as one 1-D int64 tensor, optionally with one BOS at the start."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long texts are windowed later
     if bos and getattr(tokenizer, "bos_token_id", None) is not None:
         ids = [tokenizer.bos_token_id, *ids]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def with_bos(tokenizer: Any, tokens: Tensor) -> Tensor:
+    """The same tokens with the tokenizer's BOS in front (when it has one)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return tokens if bos is None else torch.cat([torch.tensor([bos], dtype=tokens.dtype), tokens])
 
 
 def _need(tokens: Tensor, seq_len: int, what: str) -> None:

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr", type=float, help="Cayley SGD step size (default 1.5, cosine decay)")
     q.add_argument("--train-samples", type=int, help="training blocks from the start of the calibration text (default 800)")
     q.add_argument("--batch-size", type=int, help="sequences per learning step (default 8)")
-    q.add_argument("--micro-batch", type=int, help="sequences per forward during learning (default 8)")
+    q.add_argument("--micro-batch", type=int, help="sequences per forward during learning (default 1)")
     q.add_argument("--r4", help="down_proj Hadamard: none, full, block:<b> (default: full when activations are quantized)")
     q.add_argument("--seed", type=int, help="seed for rotations, calibration windows and fallbacks (default 0)")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")

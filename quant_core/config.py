@@ -180,7 +180,8 @@ class TrainConfig:
     lr: float = 1.5  # initial step size, cosine-decayed to 0 without warmup
     grad_clip: float = 1.0  # global norm over R1 and all R2, before each step
     batch_size: int = 8  # sequences per step
-    micro_batch: int = 8  # sequences per forward (accumulated to batch_size)
+    micro_batch: int = 1  # sequences per forward (accumulated to batch_size); raise it when memory allows
+    checkpoint_layers: bool = True  # recompute each layer (and its rotated weights) in backward to save memory
     samples: int = 800  # training blocks taken from the start of the calibration text
     step_cap: bool = False  # cap the step at 1/||A||_1 like the official optimizer
     train_w_bits: int | None = None  # None: 16 when GPTQ follows, else the target weight bits
@@ -197,6 +198,7 @@ class TrainConfig:
             )
         _check_int(self.samples, "train.samples", 1)
         _check_bool(self.step_cap, "train.step_cap")
+        _check_bool(self.checkpoint_layers, "train.checkpoint_layers")
         if self.train_w_bits is not None:
             _check_in(self.train_w_bits, W_BITS, "train.train_w_bits")
 

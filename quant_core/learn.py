@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from .cayley import cayley_step, cosine_lr, orthogonality_error, reorthonormalize
 from .config import SpinQuantConfig
@@ -41,24 +42,50 @@ class LearnResult:
     seconds: float = 0.0
 
 
-def rotated_params(model: DecoderLM, r1: Tensor, r2s: list[Tensor], w_bits: int, cfg: SpinQuantConfig) -> dict[str, Tensor]:
-    """Parameters of every decoder linear with R1/R2 applied (float64 math, model dtype out),
-    weight-fake-quantized with STE when w_bits < 16. Keys are checkpoint names."""
+def _layer_params(model: DecoderLM, i: int, r1: Tensor, r2: Tensor, w_bits: int, cfg: SpinQuantConfig) -> dict[str, Tensor]:
+    """Layer i's linear parameters with R1/R2 applied (float64 math, model dtype out), weight-fake-quantized
+    with STE when w_bits < 16. Keys are relative to the layer (``self_attn.q_proj.weight`` ...)."""
     dtype = model.lm_head.weight.dtype
+    base = {k: (None if v is None else v.double()) for k, v in layer_tensors(model, i).items()}
     out: dict[str, Tensor] = {}
-    for i in range(model.arch.n_layers):
-        base = {k: (None if v is None else v.double()) for k, v in layer_tensors(model, i).items()}
-        rot = rotate_layer(base, model.arch, r1, r2s[i])
-        for key, value in rot.items():
-            if value is None:
-                continue
-            value = value.to(dtype)
-            if w_bits < 16 and key.endswith(".weight"):
-                wq = cfg.weights
-                value = fake_quant_weight(value, bits=w_bits, group_size=wq.group_size, sym=wq.sym, mse_clip=wq.mse_clip)
-            block = "self_attn" if key.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            out[f"model.layers.{i}.{block}.{key}"] = value
+    for key, value in rotate_layer(base, model.arch, r1, r2).items():
+        if value is None:
+            continue
+        value = value.to(dtype)
+        if w_bits < 16 and key.endswith(".weight"):
+            wq = cfg.weights
+            value = fake_quant_weight(value, bits=w_bits, group_size=wq.group_size, sym=wq.sym, mse_clip=wq.mse_clip)
+        block = "self_attn" if key.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        out[f"{block}.{key}"] = value
     return out
+
+
+def rotated_params(model: DecoderLM, r1: Tensor, r2s: list[Tensor], w_bits: int, cfg: SpinQuantConfig) -> dict[str, Tensor]:
+    """Every decoder linear's rotated (and optionally weight-fake-quantized) parameters, by checkpoint name."""
+    return {
+        f"model.layers.{i}.{k}": v
+        for i in range(model.arch.n_layers)
+        for k, v in _layer_params(model, i, r1, r2s[i], w_bits, cfg).items()
+    }
+
+
+def learning_forward(model: DecoderLM, ids: Tensor, r1: Tensor, r2s: list[Tensor], w_bits: int,
+                     cfg: SpinQuantConfig, checkpoint_layers: bool) -> Tensor:
+    """Logits of the unmerged rotated model. With checkpointing, each layer's rotated weights and
+    activations are recomputed in backward, so memory holds one layer's float64 weights at a time."""
+    h = model.embed(ids, r1)
+    cos, sin = model.rope(ids.shape[1], ids.device, h.dtype)
+
+    def run_layer(i: int, h: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
+        params = _layer_params(model, i, r1, r2, w_bits, cfg)
+        return functional_call(model.model.layers[i], params, (h, cos, sin, model.quant))
+
+    for i in range(model.arch.n_layers):
+        if checkpoint_layers:
+            h = checkpoint(run_layer, i, h, r1, r2s[i], use_reentrant=False)
+        else:
+            h = run_layer(i, h, r1, r2s[i])
+    return model.head(h, r1)
 
 
 def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
@@ -104,8 +131,7 @@ def train_rotations(
             idx = torch.arange(cursor, cursor + tc.micro_batch) % n
             cursor = (cursor + tc.micro_batch) % n
             ids = blocks[idx].to(device)
-            params = rotated_params(model, r1, r2s, w_bits, cfg)
-            logits = functional_call(model, params, (ids,), {"r1": r1})
+            logits = learning_forward(model, ids, r1, r2s, w_bits, cfg, tc.checkpoint_layers)
             loss = lm_loss(logits, ids) / accum
             loss.backward()
             step_loss += float(loss.detach())

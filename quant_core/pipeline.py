@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .calibration import calibration_windows, encode, eval_windows, load_text, load_tokenizer, train_blocks
+from .calibration import (
+    calibration_windows, encode, eval_windows, load_text, load_tokenizer, train_blocks, with_bos,
+)
 from .config import ConfigError, Rotation, SpinQuantConfig, config_to_dict, vllm_serving_verdict
 from .convert import quantize_weights
 from .evaluate import perplexity
@@ -152,7 +154,8 @@ def quantize_model(
     windows = eval_windows(eval_tokens, cfg.eval.seq_len, cfg.eval.max_windows)
     needs_calib = cfg.weights.bits < 16 and cfg.weights.algo.value == "gptq"
     learning = cfg.rotation.r1r2 is Rotation.LEARNED and cfg.train.steps > 0
-    calib_text = load_text(cfg.calib.source, "train") if (needs_calib or learning) else ""
+    # Tokenised once: learning uses it as is (no BOS), GPTQ calibration with one BOS in front (§6, §8).
+    calib_tokens = encode(tokenizer, load_text(cfg.calib.source, "train")) if (needs_calib or learning) else None
     check_cancel(should_cancel, "load")
     model = load_model(src, dtype=dtype, device=device)
     timings["load"] = time.perf_counter() - t0
@@ -185,7 +188,8 @@ def quantize_model(
     t0 = time.perf_counter()
     if learning:
         assert r1 is not None and r2s is not None
-        blocks = train_blocks(encode(tokenizer, calib_text, bos=False), cfg.train.samples, cfg.calib.seq_len)
+        assert calib_tokens is not None
+        blocks = train_blocks(calib_tokens, cfg.train.samples, cfg.calib.seq_len)
         model.quant = _runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
         try:
             res = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel)
@@ -207,8 +211,9 @@ def quantize_model(
     if cfg.weights.bits < 16:
         calib = None
         if needs_calib:
-            calib = calibration_windows(encode(tokenizer, calib_text, bos=True), cfg.calib.samples,
-                                        cfg.calib.seq_len, cfg.seed)
+            assert calib_tokens is not None
+            calib = calibration_windows(with_bos(tokenizer, calib_tokens), cfg.calib.samples, cfg.calib.seq_len,
+                                        cfg.seed)
         rt_calib = QuantRuntime(r4=plans.r4)  # full-precision activations, R4 active (§8)
         qweights = quantize_weights(model, cfg, calib, rt_calib, progress, should_cancel)
     timings["quantize"] = time.perf_counter() - t0
