@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-text", type=Path, help="plain text file for perplexity")
     ev.add_argument("--eval-dataset", help="datasets name for perplexity, e.g. wikitext2 (default)")
     q.add_argument("--eval-windows", type=int, help="score only the first N windows (default: all)")
+    q.add_argument("--zero-shot-tasks", help="comma-separated lm-eval tasks, e.g. piqa,arc_easy (needs the 'eval' extra)")
     q.add_argument("--steps", type=int, help="Cayley SGD steps (default 100)")
     q.add_argument("--lr", type=float, help="Cayley SGD step size (default 1.5, cosine decay)")
     q.add_argument("--train-samples", type=int, help="training blocks from the start of the calibration text (default 800)")
@@ -76,7 +77,7 @@ def config_from_args(a: argparse.Namespace) -> Any:
         calib_source=calib, calib_samples=a.calib_samples, seq_len=a.seq_len, eval_source=evals,
         eval_windows=a.eval_windows, steps=a.steps, lr=a.lr, train_samples=a.train_samples,
         batch_size=a.batch_size, micro_batch=a.micro_batch, r4=a.r4, seed=a.seed, device=a.device, dtype=a.dtype,
-        settings=settings or None,
+        zero_shot_tasks=a.zero_shot_tasks, settings=settings or None,
     )
 
 

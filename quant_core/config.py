@@ -188,7 +188,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_int(self.steps, "train.steps", 0, 100000)
-        _check_float(self.lr, "train.lr", 0.0, 100.0)
+        _check_float(self.lr, "train.lr", 0.0, 1000.0)
         _check_float(self.grad_clip, "train.grad_clip", 0.0, 1e9)
         _check_int(self.batch_size, "train.batch_size", 1)
         _check_int(self.micro_batch, "train.micro_batch", 1)
@@ -230,6 +230,7 @@ class SpinQuantConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     calib: DataConfig = field(default_factory=DataConfig)
     eval: DataConfig = field(default_factory=lambda: DataConfig(samples=1))
+    zero_shot_tasks: tuple[str, ...] = ()  # lm-eval task names (optional extra 'eval'), FP and quantized
     seed: int = 0
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
@@ -237,6 +238,12 @@ class SpinQuantConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _choice(Method, self.method, "method"))
+        tasks = self.zero_shot_tasks
+        if isinstance(tasks, str):
+            tasks = tuple(t for t in tasks.split(",") if t.strip())
+        if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t.strip() for t in tasks):
+            raise ConfigError(f"zero_shot_tasks={tasks!r} is not valid; accepted: a list of lm-eval task names")
+        object.__setattr__(self, "zero_shot_tasks", tuple(t.strip() for t in tasks))
         _check_int(self.seed, "seed", 0, 2**63 - 1)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r} is not valid; accepted: auto, cpu, cuda")
@@ -350,6 +357,8 @@ def _as_dict(obj: Any) -> Any:
         return {f.name: _as_dict(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, enum.Enum):
         return obj.value
+    if isinstance(obj, tuple):
+        return list(obj)
     return obj
 
 
@@ -410,11 +419,11 @@ def make_config(method: str | Method = Method.SPINQUANT, **overrides: Any) -> Sp
                 raise ConfigError("settings must be an object of dotted names to values")
             dotted.update(value)
             continue
-        if key in ("seed", "device", "dtype"):
+        if key in ("seed", "device", "dtype", "zero_shot_tasks"):
             dotted[key] = value
             continue
         if key not in ALIASES:
-            accepted = ", ".join(sorted([*ALIASES, "seed", "device", "dtype", "settings"]))
+            accepted = ", ".join(sorted([*ALIASES, "seed", "device", "dtype", "zero_shot_tasks", "settings"]))
             raise ConfigError(f"unknown setting {key!r}; accepted: {accepted}")
         targets = ALIASES[key]
         for path in targets if isinstance(targets, tuple) else (targets,):

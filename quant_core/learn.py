@@ -116,8 +116,9 @@ def train_rotations(
     tc = cfg.train
     assert blocks.ndim == 2 and blocks.shape[0] >= 1, f"blocks must be (N, L), got {tuple(blocks.shape)}"
     device = model.lm_head.weight.device
-    r1 = r1.detach().double().to(device).requires_grad_(True)
-    r2s = [r.detach().double().to(device).requires_grad_(True) for r in r2s]
+    # Own copies: the Cayley update is in place and must not alter the caller's initial rotations.
+    r1 = r1.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
+    r2s = [r.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True) for r in r2s]
     w_bits = cfg.train_w_bits
     result = LearnResult(r1=r1.detach(), r2s=[r.detach() for r in r2s])
     accum = tc.batch_size // tc.micro_batch

@@ -27,6 +27,7 @@ from .calibration import (
 from .config import ConfigError, Rotation, SpinQuantConfig, config_to_dict, vllm_serving_verdict
 from .convert import quantize_weights
 from .evaluate import perplexity
+from .evaluate import zero_shot as evaluate_zero_shot
 from .gptq import GPTQResult
 from .hadamard import HadamardPlan, plan_hadamard, random_hadamard_matrix
 from .learn import train_rotations
@@ -78,6 +79,11 @@ def validate_environment(cfg: SpinQuantConfig, arch: ArchSpec) -> Plans:
                     f"weights.group_size={g} does not divide the input width {fan_in} of {name}; "
                     f"accepted: -1 or a divisor of {arch.hidden}, {arch.n_heads * arch.head_dim} and {arch.intermediate}"
                 )
+    if cfg.zero_shot_tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ConfigError("zero_shot_tasks needs the optional extra: pip install '.[eval]' (lm-eval)") from None
     fallback = cfg.rotation.fallback.value
     r3 = r4 = None
     try:
@@ -166,6 +172,9 @@ def quantize_model(
     fp_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate_fp")
     probe = windows[:1]
     fp_logits = _logits(model, probe)
+    zero_shot: dict[str, Any] = {}
+    if cfg.zero_shot_tasks:
+        zero_shot["fp"] = evaluate_zero_shot(model, tokenizer, list(cfg.zero_shot_tasks))
     timings["evaluate"] = time.perf_counter() - t0
 
     # -- prepare: fold norms, centre embeddings, fuse R4, random-Hadamard init -------------------
@@ -223,6 +232,8 @@ def quantize_model(
     runtime = _runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
     model.quant = runtime
     quant_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate")
+    if cfg.zero_shot_tasks:
+        zero_shot["quant"] = evaluate_zero_shot(model, tokenizer, list(cfg.zero_shot_tasks))
     timings["evaluate"] += time.perf_counter() - t0
     timings["export"] = 0.0
     timings["total"] = time.perf_counter() - t_start
@@ -246,6 +257,7 @@ def quantize_model(
         "timings_s": timings,
         "peak_rss_mb": _peak_rss_mb(),
         "loss_curve": loss_curve,
+        "zero_shot": zero_shot or None,
         "checkpoint_bytes": 0,
         "versions": {"quant_core": __version__, "torch": torch.__version__},
     }

@@ -161,3 +161,11 @@ def test_cli_refuses_pickle_only_and_unknown_family(tmp_path: Path) -> None:
     (odd / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     r = _cli("quantize", str(odd), "--calib-text", str(TRAIN_TEXT), "--eval-text", str(TEST_TEXT))
     assert r.returncode == 2 and "supported: llama, mistral, qwen2" in r.stderr
+
+
+def test_zero_shot_without_the_extra_is_refused_before_work(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as on a machine without the 'eval' extra
+    cfg = _cfg(zero_shot_tasks="piqa,arc_easy")
+    assert cfg.zero_shot_tasks == ("piqa", "arc_easy")
+    with pytest.raises(ConfigError, match=r"zero_shot_tasks needs the optional extra"):
+        quantize_model(str(LLAMA), cfg)
