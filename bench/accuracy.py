@@ -37,6 +37,7 @@ def run(model: str, method: str, bits: tuple[int, int, int], seed: int, args: ar
         calib_source=f"file:{args.calib_text}", eval_source=f"file:{args.eval_text}",
         calib_samples=args.calib_samples, train_samples=args.train_samples,
         steps=args.steps if steps is None else steps, eval_windows=args.eval_windows, device="cpu",
+        micro_batch=args.micro_batch, settings={"train.checkpoint_layers": False},
     )
     t0 = time.perf_counter()
     rep = quantize_model(model, cfg).report
@@ -54,6 +55,7 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--train-samples", type=int, default=800)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per learning forward (8 = the whole batch)")
     p.add_argument("--eval-windows", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=2)

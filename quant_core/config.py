@@ -88,14 +88,19 @@ def _check_bool(value: Any, name: str) -> None:
 
 
 def parse_r4(value: str) -> tuple[str, int | None]:
-    """Parse an R4 mode: 'none', 'full' or 'block:<b>' with b a power of two. Returns (mode, block)."""
+    """Parse an R4 mode: 'none', 'full', 'block:<b>' (b a power of two) or 'block:auto' (the largest
+    power of two <= 128 dividing d_ff, decided per model). Returns (mode, block or None for auto)."""
     if value in ("none", "full"):
         return value, None
+    if value == "block:auto":
+        return "block", None
     if isinstance(value, str) and value.startswith("block:"):
         tail = value.split(":", 1)[1]
         if tail.isdigit() and int(tail) >= 2 and (int(tail) & (int(tail) - 1)) == 0:
             return "block", int(tail)
-    raise ConfigError(f"rotation.r4={value!r} is not valid; accepted: 'none', 'full', 'block:<power of two>'")
+    raise ConfigError(
+        f"rotation.r4={value!r} is not valid; accepted: 'none', 'full', 'block:<power of two>', 'block:auto'"
+    )
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ class KVQuantConfig:
 class RotationConfig:
     r1r2: Rotation = Rotation.LEARNED  # none, random (Hadamard) or learned
     r3: str = "auto"  # online Hadamard on Q and K after RoPE: auto (on when KV < 16 and rotating), on, off
-    r4: str = "auto"  # online Hadamard on the down_proj input: auto, none, full, block:<b>
+    r4: str = "auto"  # online Hadamard on the down_proj input: auto, none, full, block:<b>, block:auto
     fallback: HadamardFallback = HadamardFallback.ORTHOGONAL  # sizes with no known Hadamard K
     center_embeddings: bool = True  # E <- E - rowmean(E), as the official repo (SQ#14)
 
@@ -330,11 +335,12 @@ ALIASES: dict[str, str] = {
 PRESETS: dict[Method, dict[str, Any]] = {
     # Paper-faithful: learned R1/R2, full R4, asymmetric per-token activations and KV, clip 1.0, GPTQ.
     Method.SPINQUANT: {"rotation.r1r2": "learned"},
-    # What vLLM serves as is: symmetric per-token activations without clipping, block:128 R4,
+    # What vLLM serves as is: symmetric per-token activations without clipping, block R4 (128, or the
+    # largest power of two dividing d_ff when 128 does not),
     # no R3 (no runtime applies it), KV symmetric per token-head like --kv-cache-dtype int4_per_token_head.
     Method.SPINQUANT_VLLM: {
         "rotation.r1r2": "learned",
-        "rotation.r4": "block:128",
+        "rotation.r4": "block:auto",
         "rotation.r3": "off",
         "activations.sym": True,
         "activations.o_proj_per_head": False,

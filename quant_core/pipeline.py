@@ -29,9 +29,9 @@ from .convert import quantize_weights
 from .evaluate import perplexity
 from .evaluate import zero_shot as evaluate_zero_shot
 from .gptq import GPTQResult
-from .hadamard import HadamardPlan, plan_hadamard, random_hadamard_matrix
+from .hadamard import HadamardPlan, largest_pow2_block, plan_hadamard, random_hadamard_matrix
 from .learn import train_rotations
-from .models import ArchSpec, DecoderLM, ModelError, QuantRuntime, load_model, resolve_model
+from .models import ArchSpec, DecoderLM, ModelError, QuantRuntime, load_model, resolve_model, weight_files
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 from .rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
 
@@ -93,6 +93,8 @@ def validate_environment(cfg: SpinQuantConfig, arch: ArchSpec) -> Plans:
         if mode == "full":
             r4 = plan_hadamard(arch.intermediate, mode="full", fallback=fallback, seed=cfg.seed)
         elif mode == "block":
+            if block is None:  # block:auto: vLLM's kernel and llm-compressor use 128 where it divides d_ff
+                block = min(128, largest_pow2_block(arch.intermediate))
             r4 = plan_hadamard(arch.intermediate, mode="block", block=block, fallback=fallback, seed=cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"rotation: {exc}") from None
@@ -155,6 +157,7 @@ def quantize_model(
 
     arch = arch_from_config(src.config)
     plans = validate_environment(cfg, arch)
+    weight_files(src.path)  # refuse pickle-only or missing weights before reading any text
     tokenizer = load_tokenizer(src.path)
     eval_tokens = encode(tokenizer, load_text(cfg.eval.source, "test"), bos=False)
     windows = eval_windows(eval_tokens, cfg.eval.seq_len, cfg.eval.max_windows)

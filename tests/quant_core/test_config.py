@@ -35,7 +35,7 @@ def test_preset_contents() -> None:
     rtn = make_config("rtn", w_bits=4, a_bits=4)
     assert rtn.weights.algo is WeightAlgo.RTN and not rtn.rotating and rtn.train_w_bits == 4
     vl = make_config("spinquant-vllm", w_bits=4, a_bits=4, kv_bits=16)
-    assert vl.r4_mode == ("block", 128) and vllm_serving_verdict(vl) is True
+    assert vl.r4_mode == ("block", None) and vllm_serving_verdict(vl) is True  # block:auto, sized per model
     reasons = vllm_serving_verdict(sq)
     assert isinstance(reasons, list) and any("asymmetric activations" in r for r in reasons)
 
