@@ -141,12 +141,14 @@ class ActQuantConfig:
     sym: bool = False  # the official scripts quantize activations asymmetrically
     clip_ratio: float = 1.0  # scale the per-token range by this before quantizing
     o_proj_per_head: bool = True  # o_proj input quantized in head_dim groups (SpinQuant, no cross-head Hadamard)
+    half_range: bool = False  # symmetric scale amax/((qmax-qmin)/2) (compressed-tensors) instead of amax/qmax
 
     def __post_init__(self) -> None:
         _check_in(self.bits, A_BITS, "activations.bits")
         _check_bool(self.sym, "activations.sym")
         _check_float(self.clip_ratio, "activations.clip_ratio", 0.0, 1.0)
         _check_bool(self.o_proj_per_head, "activations.o_proj_per_head")
+        _check_bool(self.half_range, "activations.half_range")
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,7 @@ PRESETS: dict[Method, dict[str, Any]] = {
         "rotation.r3": "off",
         "activations.sym": True,
         "activations.o_proj_per_head": False,
+        "activations.half_range": True,  # compressed-tensors' symmetric scale, the format we export to
         "kv.sym": True,
     },
     # QuaRot's settings: random Hadamard, symmetric activations clip 0.9, asymmetric KV clip 0.95.

@@ -143,6 +143,7 @@ class QuantRuntime:
     a_bits: int = 16
     a_sym: bool = False
     a_clip: float = 1.0
+    a_half_range: bool = False  # symmetric scale amax/((qmax-qmin)/2), compressed-tensors' convention
     o_group: int = -1  # o_proj input activation group (head_dim for SpinQuant), -1 = per token
     kv_bits: int = 16
     kv_sym: bool = False
@@ -153,7 +154,8 @@ class QuantRuntime:
     def act(self, x: Tensor, group: int = -1) -> Tensor:
         if self.a_bits >= 16:
             return x
-        return fake_quant_act(x, bits=self.a_bits, sym=self.a_sym, clip_ratio=self.a_clip, group_size=group)
+        return fake_quant_act(x, bits=self.a_bits, sym=self.a_sym, clip_ratio=self.a_clip, group_size=group,
+                              half_range=self.a_half_range)
 
     def kv(self, x: Tensor) -> Tensor:
         # x: (B, n_kv, L, hd): per token, per head = groups of hd over the last dim.

@@ -106,7 +106,8 @@ def validate_environment(cfg: SpinQuantConfig, arch: ArchSpec) -> Plans:
 def _runtime(cfg: SpinQuantConfig, arch: ArchSpec, plans: Plans, *, a_bits: int, kv_bits: int) -> QuantRuntime:
     a, kv = cfg.activations, cfg.kv
     return QuantRuntime(
-        a_bits=a_bits, a_sym=a.sym, a_clip=a.clip_ratio, o_group=arch.head_dim if a.o_proj_per_head else -1,
+        a_bits=a_bits, a_sym=a.sym, a_clip=a.clip_ratio, a_half_range=a.half_range,
+        o_group=arch.head_dim if a.o_proj_per_head else -1,
         kv_bits=kv_bits, kv_sym=kv.sym, kv_clip=kv.clip_ratio, r3=plans.r3, r4=plans.r4,
     )
 

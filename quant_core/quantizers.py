@@ -348,7 +348,7 @@ def fake_quant_weight(
 
 
 def fake_quant_act(
-    x: Tensor, *, bits: int, sym: bool, clip_ratio: float = 1.0, group_size: int = -1
+    x: Tensor, *, bits: int, sym: bool, clip_ratio: float = 1.0, group_size: int = -1, half_range: bool = False
 ) -> Tensor:
     """Dynamic per-token (optionally per-group) fake quantization over the last dim.
 
@@ -364,6 +364,8 @@ def fake_quant_act(
         clip_ratio: c in (0, 1]; values beyond c·range are clamped.
         group_size: -1 for one scale per token, else groups of this many contiguous
             channels (KV cache: head_dim, one scale per token per head).
+        half_range: symmetric only: s = c·max|x| / ((qmax - qmin)/2), i.e. amax/7.5 at 4 bits,
+            the compressed-tensors convention, instead of amax/qmax (SpinQuant/QuaRot).
 
     Example:
         >>> k = torch.randn(2, 16, 8 * 64)  # (batch, seq, heads·hd)
@@ -381,7 +383,8 @@ def fake_quant_act(
     if sym:
         qmin, qmax = _int_range(bits, sym=True)
         amax = clip_ratio * xf.abs().amax(-1, keepdim=True)  # (..., d // g, 1)
-        s = (amax / qmax).clamp_min(_ACT_FLOOR)
+        denom = (qmax - qmin) / 2 if half_range else qmax
+        s = (amax / denom).clamp_min(_ACT_FLOOR)
         z = None
     else:
         qmin, qmax = _int_range(bits, sym=False)

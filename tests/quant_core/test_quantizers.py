@@ -330,3 +330,15 @@ def test_bad_arguments_raise() -> None:
         fake_quant_act(w, bits=2, sym=True)
     with pytest.raises(ValueError, match="clip_ratio"):
         fake_quant_act(w, bits=4, sym=True, clip_ratio=1.5)
+
+
+def test_half_range_symmetric_scale_matches_compressed_tensors_convention() -> None:
+    """half_range: s = amax / 7.5 at 4 bits, so +amax clamps to 7 and -amax maps to -8."""
+    x = torch.tensor([[-3.0, -1.0, 0.5, 3.0]])
+    s = 3.0 / 7.5
+    expected = torch.round(x / s).clamp(-8, 7) * s
+    out = fake_quant_act(x, bits=4, sym=True, half_range=True)
+    assert torch.equal(out, expected)
+    assert out[0, 0].item() == pytest.approx(-8 * s) and out[0, 3].item() == pytest.approx(7 * s)
+    plain = fake_quant_act(x, bits=4, sym=True)
+    assert plain[0, 3].item() == pytest.approx(3.0)  # amax/7: the maximum is exact
