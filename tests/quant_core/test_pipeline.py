@@ -183,3 +183,47 @@ def test_block_auto_r4_picks_the_largest_power_of_two_up_to_128() -> None:
     assert rep["rotation"]["r4"] == "block:64"
     with pytest.raises(ConfigError, match="largest valid block is 64"):
         quantize_model(str(QWEN), _cfg("spinquant-vllm", steps=0, kv_bits=16, r4="block:128"))
+
+
+def test_zero_shot_wrapper_scores_continuations_lm_eval_mocked(monkeypatch) -> None:
+    """lm-eval's task data cannot be downloaded here, so lm_eval itself is replaced by a stand-in
+    that sends two loglikelihood requests; the scores must equal our forward's log-probabilities."""
+    import types
+
+    from quant_core.calibration import load_tokenizer
+    from quant_core.evaluate import zero_shot
+    from quant_core.models import load_model, resolve_model
+
+    seen: dict = {}
+
+    class FakeLM:
+        pass
+
+    def simple_evaluate(model, tasks, num_fewshot, batch_size):
+        reqs = [types.SimpleNamespace(args=("The file is", " copied")),
+                types.SimpleNamespace(args=("The file is", " banana"))]
+        seen["scores"] = model.loglikelihood(reqs)
+        better = seen["scores"][0][0] > seen["scores"][1][0]
+        return {"results": {tasks[0]: {"acc,none": float(better)}}}
+
+    api = types.ModuleType("lm_eval.api")
+    api_model = types.ModuleType("lm_eval.api.model")
+    api_model.LM = FakeLM
+    fake = types.ModuleType("lm_eval")
+    fake.simple_evaluate = simple_evaluate
+    fake.__version__ = "stand-in"
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.api", api)
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", api_model)
+
+    model = load_model(resolve_model(str(LLAMA)))
+    tok = load_tokenizer(LLAMA)
+    out = zero_shot(model, tok, ["toy"])
+    assert out["lm_eval_version"] == "stand-in" and out["tasks"]["toy"]["metric"] == "acc"
+    ctx = [tok.bos_token_id, *tok("The file is", add_special_tokens=False)["input_ids"]]
+    cont = tok(" copied", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0].float(), -1)
+    expected = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    assert seen["scores"][0][0] == pytest.approx(expected, abs=1e-4)
+    assert out["tasks"]["toy"]["value"] == 1.0  # the fixture prefers a sensible continuation
