@@ -65,7 +65,52 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, help="folder for the checkpoint (must not exist or be empty)")
     q.add_argument("--report-json", type=Path, help="write the report here")
     q.add_argument("--no-progress", action="store_true", help="no progress bar (plain stage lines instead)")
+    e = sub.add_parser("eval", help="perplexity of an exported checkpoint, run as the report evaluated it")
+    e.add_argument("checkpoint", type=Path, help="the --out folder of a quantize run (or its model/ folder)")
+    ev2 = e.add_mutually_exclusive_group(required=True)
+    ev2.add_argument("--eval-text", type=Path, help="plain text file")
+    ev2.add_argument("--eval-dataset", help="datasets name, e.g. wikitext2")
+    e.add_argument("--seq-len", type=int, help="window length (default: the one the report used)")
+    e.add_argument("--eval-windows", type=int, default=0, help="score only the first N windows")
+    e.add_argument("--report-json", type=Path, help='write {"ppl": x, ...} here')
+    g = sub.add_parser("generate", help="greedy text generation with an exported checkpoint")
+    g.add_argument("checkpoint", type=Path)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
     return p
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from .calibration import encode, eval_windows, load_text, load_tokenizer
+    from .evaluate import perplexity
+    from .runtime import _folders, load
+
+    model, cfg, report = load(a.checkpoint)
+    tok = load_tokenizer(_folders(a.checkpoint)[1])
+    seq_len = a.seq_len or cfg.eval.seq_len
+    source = f"file:{a.eval_text}" if a.eval_text else a.eval_dataset
+    windows = eval_windows(encode(tok, load_text(source, "test")), seq_len, a.eval_windows)
+    ppl = perplexity(model, windows)
+    out = {"ppl": ppl, "windows": int(windows.shape[0]), "seq_len": seq_len, "report_quant_ppl": report.get("quant_ppl")}
+    if a.report_json is not None:
+        a.report_json.parent.mkdir(parents=True, exist_ok=True)
+        a.report_json.write_text(json.dumps(out, indent=2))
+    print(f"ppl {ppl:.4f} over {out['windows']} windows of {seq_len} tokens (report: {out['report_quant_ppl']})")
+    return 0
+
+
+def _generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from .calibration import load_tokenizer, with_bos
+    from .runtime import _folders, generate, load
+
+    model, _, _ = load(a.checkpoint)
+    tok = load_tokenizer(_folders(a.checkpoint)[1])
+    ids = with_bos(tok, torch.tensor(tok(a.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long))
+    out = generate(model, ids[None], a.max_new_tokens, getattr(tok, "eos_token_id", None))
+    print(tok.decode(out[0, ids.numel():].tolist(), skip_special_tokens=True))
+    return 0
 
 
 def config_from_args(a: argparse.Namespace) -> Any:
@@ -127,11 +172,11 @@ def _quantize(a: argparse.Namespace) -> int:
         if a.out is not None:
             import time
 
-            from .export import save_job_output
+            from .export import export_checkpoint
 
             t0 = time.perf_counter()
             bar("export", 0.0, {})
-            save_job_output(result, a.out)
+            export_checkpoint(result, a.out)
             result.report["timings_s"]["export"] = time.perf_counter() - t0
             result.report["timings_s"]["total"] += result.report["timings_s"]["export"]
             bar("export", 1.0, {})
@@ -152,15 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "quantize":
             return _quantize(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "generate":
+            return _generate(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as exc:  # classify: bad input is the user's to fix, the rest is ours
         from .calibration import DataError
+        from .export import ExportError
         from .models import ModelError
         from .progress import Cancelled
+        from .runtime import CheckpointError
 
-        if isinstance(exc, (ConfigError, ModelError, DataError, FileExistsError)):
+        if isinstance(exc, (ConfigError, ModelError, DataError, ExportError, CheckpointError, FileExistsError)):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if isinstance(exc, Cancelled):

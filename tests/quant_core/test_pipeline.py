@@ -130,8 +130,8 @@ def test_cli_end_to_end_writes_report_and_out(tmp_path: Path) -> None:
     assert "FP ppl" in r.stdout and "[learn]" in r.stderr  # plain progress lines when not a terminal
     rep = json.loads(rep_file.read_text())
     assert rep["scheme"] == "W4A4KV4" and len(rep["loss_curve"]) == 2 and rep["checkpoint_bytes"] > 0
-    assert (out / "SHA256SUMS").is_file() and (out / "spinquant" / "rotations.safetensors").is_file()
-    saved = json.loads((out / "eval_report.json").read_text())
+    assert (out / "SHA256SUMS").is_file() and (out / "model" / "spinquant" / "rotations.safetensors").is_file()
+    saved = json.loads((out / "model" / "eval_report.json").read_text())
     assert saved["quant_ppl"] == rep["quant_ppl"]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # nothing half-written left behind
 

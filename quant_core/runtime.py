@@ -1,0 +1,143 @@
+"""Load an exported folder and run it exactly as the report evaluated it.
+
+``load(path)`` verifies SHA256SUMS, unpacks the int4 weights, dequantizes them with the stored
+scales (bit-identical to the fake-quantized weights the job evaluated) and switches on the online
+R3/R4 and the activation/KV quantizers that ``spinquant_config.json`` records.
+
+Example:
+    >>> model, cfg, report = load("out/job")
+    >>> perplexity(model, windows)   # == report["quant_ppl"]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, SpinQuantConfig, config_from_dict
+from .export import sha256_file
+from .models import DecoderLM, ModelError, arch_from_config, rope_inv_freq
+from .packing import unpack_int4_rows, unpack_int4_zero_points
+from .quantizers import dequantize_weight_gidx
+
+
+class CheckpointError(ValueError):
+    """A truncated, corrupted, tampered or incomplete checkpoint; the message names the bad file."""
+
+
+def _folders(path: Path) -> tuple[Path, Path]:
+    """(root with SHA256SUMS, model folder) for a job folder or its model/ subfolder."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path, path / "model"
+    if (path / "config.json").is_file():
+        return (path.parent if (path.parent / "SHA256SUMS").is_file() else path), path
+    raise CheckpointError(f"{path} is not an exported checkpoint (no model/config.json or config.json)")
+
+
+def verify_checksums(root: Path) -> None:
+    """Every file listed in SHA256SUMS exists and matches; files not listed are refused too."""
+    sums = root / "SHA256SUMS"
+    if not sums.is_file():
+        raise CheckpointError(f"{root} has no SHA256SUMS; refusing to load an unverified checkpoint")
+    listed: dict[str, str] = {}
+    for n, line in enumerate(sums.read_text().splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise CheckpointError(f"SHA256SUMS line {n} is malformed: {line[:80]!r}")
+        listed[name] = digest
+    for name, digest in listed.items():
+        f = root / name
+        if not f.is_file():
+            raise CheckpointError(f"{name} is listed in SHA256SUMS but missing (truncated checkpoint?)")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"{name} does not match its SHA256SUMS entry (corrupted or modified)")
+    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and p.name != "SHA256SUMS" and p.relative_to(root).as_posix() not in listed)
+    if extra:
+        raise CheckpointError(f"files not covered by SHA256SUMS: {', '.join(extra[:5])}")
+
+
+def _read_json(f: Path) -> Any:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{f.name} is not valid JSON: {exc}") from None
+
+
+def load(path: str | Path, *, device: str = "cpu", verify: bool = True) -> tuple[DecoderLM, SpinQuantConfig, dict[str, Any]]:
+    """The exported model with its online transforms and quantizers, its config and its report.
+
+    Args:
+        path: the job folder (with model/ and SHA256SUMS) or its model/ folder.
+        verify: check SHA256SUMS first (on by default; a mismatch names the file).
+    """
+    from .pipeline import _runtime, validate_environment  # the same runtime settings as the job
+
+    root, mdir = _folders(Path(path))
+    if verify:
+        verify_checksums(root)
+    try:
+        cfg = config_from_dict(_read_json(mdir / "spinquant_config.json"))
+        arch = arch_from_config(_read_json(mdir / "config.json"))
+    except (ConfigError, ModelError) as exc:
+        raise CheckpointError(f"{mdir}: {exc}") from None
+    report = _read_json(mdir / "eval_report.json") if (mdir / "eval_report.json").is_file() else {}
+    with torch.device("meta"):
+        model = DecoderLM(arch)
+    shapes = {k: v.shape for k, v in model.state_dict().items() if k != "inv_freq"}
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(mdir / "model.safetensors"), framework="pt", device="cpu") as fh:
+            keys = set(fh.keys())
+            dtype = fh.get_tensor("model.embed_tokens.weight").dtype
+            for key in shapes:
+                if key in keys:
+                    state[key] = fh.get_tensor(key)
+                    continue
+                prefix = key.removesuffix(".weight")
+                if prefix + ".weight_packed" not in keys:
+                    raise CheckpointError(f"model.safetensors has no {key} nor {prefix}.weight_packed")
+                out_f, in_f = fh.get_tensor(prefix + ".weight_shape").tolist()
+                scale = fh.get_tensor(prefix + ".weight_scale").float()
+                q = unpack_int4_rows(fh.get_tensor(prefix + ".weight_packed"), in_f).to(torch.int16)
+                zero = None
+                if not cfg.weights.sym:
+                    zero = unpack_int4_zero_points(fh.get_tensor(prefix + ".weight_zero_point"), out_f).float() + 8
+                    q = q + 8  # back to our unsigned asymmetric codes
+                g = cfg.weights.group_size
+                if prefix + ".weight_g_idx" in keys:
+                    g_idx = fh.get_tensor(prefix + ".weight_g_idx")
+                else:
+                    g_idx = (torch.arange(in_f) // g if g > 0 else torch.zeros(in_f, dtype=torch.long)).to(torch.int32)
+                state[key] = dequantize_weight_gidx(q, scale, zero, g_idx, sym=cfg.weights.sym, dtype=torch.float32).to(dtype)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # truncated header, wrong dtypes, bad shapes
+        raise CheckpointError(f"model.safetensors cannot be read: {type(exc).__name__}: {exc}") from None
+    for key, t in state.items():
+        if t.shape != shapes[key]:
+            raise CheckpointError(f"{key} has shape {tuple(t.shape)}; config.json implies {tuple(shapes[key])}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.inv_freq = rope_inv_freq(arch)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    plans = validate_environment(cfg, arch)
+    model.quant = _runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
+    return model, cfg, report
+
+
+@torch.no_grad()
+def generate(model: DecoderLM, ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding (full recompute per token: simple and exactly the evaluated forward)."""
+    for _ in range(max_new_tokens):
+        nxt = model(ids)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+            break
+    return ids

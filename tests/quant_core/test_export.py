@@ -1,0 +1,112 @@
+"""Export to compressed-tensors pack-quantized + sidecar, and the runtime that reproduces the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant_core.config import make_config
+from quant_core.evaluate import perplexity
+from quant_core.export import export_checkpoint
+from quant_core.pipeline import quantize_model
+from quant_core.runtime import CheckpointError, load
+from tests.conftest import MODELS, ROOT, TEST_TEXT, TRAIN_TEXT
+
+LLAMA = MODELS / "llama-tiny"
+SMALL = dict(seq_len=128, calib_samples=8, train_samples=16, batch_size=4, micro_batch=4, eval_windows=6, steps=2,
+             calib_source=f"file:{TRAIN_TEXT}", eval_source=f"file:{TEST_TEXT}", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One W4A4KV4 spinquant job on llama-tiny, exported once for the module."""
+    res = quantize_model(str(LLAMA), make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4, **SMALL))
+    out = tmp_path_factory.mktemp("ckpt") / "job"
+    export_checkpoint(res, out)
+    return res, out
+
+
+@pytest.mark.parametrize(("method", "bits"), [("spinquant", (4, 8, 8)), ("spinquant", (4, 16, 16)),
+                                              ("spinquant-vllm", (4, 4, 16)), ("gptq", (4, 16, 16))])
+def test_round_trip_reproduces_the_report(method: str, bits, tmp_path: Path) -> None:
+    w, a, kv = bits
+    res = quantize_model(str(LLAMA), make_config(method, w_bits=w, a_bits=a, kv_bits=kv, **SMALL))
+    export_checkpoint(res, tmp_path / "job")
+    model, cfg, report = load(tmp_path / "job")
+    assert cfg == res.cfg and report["quant_ppl"] == res.report["quant_ppl"]
+    ppl = perplexity(model, res.eval_windows)
+    assert abs(ppl / res.report["quant_ppl"] - 1) <= 1e-3
+    for key, value in res.model.state_dict().items():  # dequantized weights are the evaluated ones, bit for bit
+        if key != "inv_freq":
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_w4a4kv4_round_trip_and_format(exported) -> None:
+    res, out = exported
+    model, _, _ = load(out)
+    assert abs(perplexity(model, res.eval_windows) / res.report["quant_ppl"] - 1) <= 1e-3
+    qc = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["kv_cache_scheme"] is None and qc["ignore"] == ["lm_head"]
+    assert all(g["format"] == "pack-quantized" for g in qc["config_groups"].values())
+    assert set(qc["config_groups"]) == {"group_0", "o_proj"}  # o_proj input quantized per head
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as fh:
+        packed = fh.get_tensor("model.layers.0.self_attn.q_proj.weight_packed")
+        assert packed.dtype == torch.int32 and tuple(packed.shape) == (128, 16)
+        assert "model.layers.0.self_attn.q_proj.weight" not in fh.keys()
+
+
+@pytest.mark.parametrize("damage", ["modify", "truncate", "delete", "extra"])
+def test_damaged_checkpoint_is_refused_naming_the_file(exported, tmp_path: Path, damage: str) -> None:
+    _, out = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    target = bad / "model" / "model.safetensors"
+    if damage == "modify":
+        data = bytearray(target.read_bytes())
+        data[-10] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:1000])
+    elif damage == "delete":
+        target.unlink()
+    else:
+        (bad / "model" / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="model.safetensors|extra.safetensors"):
+        load(bad)
+
+
+def test_interrupted_export_leaves_nothing(monkeypatch, exported, tmp_path: Path) -> None:
+    import quant_core.export as ex
+
+    res, _ = exported
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ex, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(res, tmp_path / "job")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_eval_and_generate(exported, tmp_path: Path) -> None:
+    res, out = exported
+    rep = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "quant_core", "eval", str(out), "--eval-text", str(TEST_TEXT),
+                        "--eval-windows", "6", "--report-json", str(rep)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert abs(json.loads(rep.read_text())["ppl"] / res.report["quant_ppl"] - 1) <= 1e-3
+    g = subprocess.run([sys.executable, "-m", "quant_core", "generate", str(out), "--prompt", "The file",
+                        "--max-new-tokens", "8"], cwd=ROOT, capture_output=True, text=True)
+    assert g.returncode == 0 and g.stdout.strip(), g.stderr
+    bad = subprocess.run([sys.executable, "-m", "quant_core", "eval", str(tmp_path), "--eval-text", str(TEST_TEXT)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "not an exported checkpoint" in bad.stderr and "Traceback" not in bad.stderr
