@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", dest="settings", action="append", type=_settings_pair, default=[], metavar="KEY=VALUE",
                    help="any config field by dotted name, e.g. --set weights.gptq.act_order=true (repeatable)")
     q.add_argument("--out", type=Path, help="folder for the checkpoint (must not exist or be empty)")
+    q.add_argument("--format", dest="export_format", choices=("ct", "gptq", "both"), default="ct",
+                   help="checkpoint format under --out: ct = compressed-tensors model/ (default), "
+                        "gptq = GPTQ v1 gptq/ (W4A16 with no online transform only), both")
     q.add_argument("--report-json", type=Path, help="write the report here")
     q.add_argument("--no-progress", action="store_true", help="no progress bar (plain stage lines instead)")
     e = sub.add_parser("eval", help="perplexity of an exported checkpoint, run as the report evaluated it")
@@ -164,6 +167,10 @@ def _quantize(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     if a.out is not None and a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
         raise ConfigError(f"--out {a.out} already exists and is not an empty folder")
+    if a.out is not None:
+        from .export import check_formats
+
+        check_formats(cfg, a.export_format)  # refuse a format that cannot hold the job before any compute
     from .pipeline import quantize_model  # heavy imports only once the arguments are valid
 
     bar = _Bar(not a.no_progress)
@@ -176,7 +183,8 @@ def _quantize(a: argparse.Namespace) -> int:
 
             t0 = time.perf_counter()
             bar("export", 0.0, {})
-            export_checkpoint(result, a.out)
+            formats = ("ct", "gptq") if a.export_format == "both" else (a.export_format,)
+            export_checkpoint(result, a.out, formats=formats)
             result.report["timings_s"]["export"] = time.perf_counter() - t0
             result.report["timings_s"]["total"] += result.report["timings_s"]["export"]
             bar("export", 1.0, {})

@@ -9,7 +9,11 @@ Layout (CHECKPOINT.md §0, §1, §3)::
     <out>/model/eval_report.json            the report (quant_ppl is this folder's perplexity)
     <out>/model/serve.sh                    the vLLM command for this scheme
     <out>/model/spinquant/rotations.safetensors   R1 and every layer's R2 (Meta's R.bin key names)
+    <out>/gptq/...                          optional GPTQ v1 W4A16 folder (CHECKPOINT.md §2), same sidecar
     <out>/SHA256SUMS                        every file above, written last
+
+``export_checkpoint(result, out, formats=("ct",))``: "ct" writes model/, "gptq" writes gptq/; both
+go into the one job folder under one SHA256SUMS.
 
 The folder is built in a temporary sibling, checksummed, then renamed: an interrupted export
 never leaves a folder that looks finished.
@@ -29,7 +33,7 @@ from safetensors.torch import save_file
 
 from .config import SpinQuantConfig, config_to_dict, vllm_serving_verdict
 from .models import decoder_linears, layer_prefix
-from .packing import pack_int4_rows, pack_int4_zero_points
+from .packing import gptq_qzeros, pack_gptq_qweight, pack_int4_rows, pack_int4_zero_points
 
 if TYPE_CHECKING:
     from .pipeline import QuantizeResult
@@ -96,10 +100,90 @@ def quantization_config(cfg: SpinQuantConfig, head_dim: int, r4_block: int | Non
             "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": transform}
 
 
-def serve_command(cfg: SpinQuantConfig, transform: bool) -> str:
+def serve_command(cfg: SpinQuantConfig, transform: bool, folder: str = "model") -> str:
     tp = "--tensor-parallel-size 1" if transform else ""
     kv = " --kv-cache-dtype int4_per_token_head" if cfg.kv.bits == 4 else ""
-    return f"vllm serve ./model {tp}{kv}".strip() + "\n"
+    return f"vllm serve ./{folder} {tp}{kv}".strip() + "\n"
+
+
+FORMATS = {"ct": "model", "gptq": "gptq"}  # format -> folder in the job
+_FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)  # 6.1e-5 .. 65504
+
+
+def gptq_refusals(cfg: SpinQuantConfig, online_r4: bool) -> list[str]:
+    """Why GPTQ v1 cannot hold this job (CHECKPOINT.md §2); empty when it can."""
+    why = []
+    if cfg.weights.bits != 4:
+        why.append(f"weights.bits={cfg.weights.bits} (GPTQ v1 export writes 4-bit weights only)")
+    if not cfg.weights.sym:
+        why.append("asymmetric weights (weights.sym=false; the GPTQ export is symmetric only)")
+    if cfg.weights.gptq.act_order:
+        why.append("act_order (desc_act; the GPTQ export writes desc_act=false)")
+    if online_r4:
+        why.append("an online R4 Hadamard on down_proj (GPTQ has nowhere to store it; use rotation.r4=none)")
+    if cfg.r3_on:
+        why.append("R3 on (an online Hadamard on queries/keys)")
+    if cfg.activations.bits < 16:
+        why.append(f"activation bits {cfg.activations.bits} < 16 (GPTQ is weight-only, W4A16)")
+    if cfg.kv.bits < 16:
+        why.append(f"KV bits {cfg.kv.bits} < 16 (GPTQ holds no KV-cache quantization)")
+    return why
+
+
+def gptq_quantization_config(cfg: SpinQuantConfig) -> dict[str, Any]:
+    """config.json's quantization_config and quantize_config.json for a GPTQ v1 folder."""
+    from . import __version__
+
+    g = cfg.weights.group_size
+    return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": g if g > 0 else -1,
+            "desc_act": False, "sym": True, "lm_head": False, "pack_dtype": "int32",
+            "meta": {"quantizer": f"quant_core {__version__}", "damp_percent": cfg.weights.gptq.damp,
+                     "true_sequential": True, "static_groups": False,
+                     "mse": 2.4 if cfg.weights.mse_clip else 0.0}}
+
+
+def _gptq_state(result: QuantizeResult) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """GPTQ v1 tensors (qweight/qzeros/scales/g_idx, fp16 elsewhere) and facts about the scale cast."""
+    cfg, model = result.cfg, result.model
+    state: dict[str, torch.Tensor] = {}
+    linear_names = set()
+    max_rel = 0.0
+    g = cfg.weights.group_size
+    for i in range(result.arch.n_layers):
+        for name, lin in decoder_linears(model, i).items():
+            prefix = layer_prefix(name, i)
+            linear_names.add(prefix + ".weight")
+            res = result.qweights[prefix]
+            out_f, in_f = lin.weight.shape
+            scale = res.scale.to(lin.weight.dtype).float()  # exactly the compressed-tensors scale
+            lo, hi = float(scale.abs().min()), float(scale.abs().max())
+            if lo < _FP16_NORMAL[0] or hi > _FP16_NORMAL[1]:
+                raise ExportError(
+                    f"{prefix}: weight scales span [{lo:.3g}, {hi:.3g}], outside fp16's normal range "
+                    f"[{_FP16_NORMAL[0]:.3g}, {_FP16_NORMAL[1]:.0f}] that GPTQ's fp16 scales need; "
+                    "use the default compressed-tensors format (--format ct)")
+            scales16 = scale.to(torch.float16)
+            max_rel = max(max_rel, float(((scales16.float() - scale).abs() / scale.abs()).max()))
+            try:
+                state[prefix + ".qweight"] = pack_gptq_qweight(res.q.to(torch.int16))
+                state[prefix + ".qzeros"] = gptq_qzeros(scale.shape[1], out_f, None)
+            except ValueError as exc:
+                raise ExportError(f"{prefix}: {exc}; use the default compressed-tensors format (--format ct)") from None
+            state[prefix + ".scales"] = scales16.t().contiguous()  # (out, n_groups) -> (n_groups, out)
+            g_idx = torch.arange(in_f) // g if g > 0 else torch.zeros(in_f, dtype=torch.long)
+            state[prefix + ".g_idx"] = g_idx.to(torch.int32)
+    for key, value in model.state_dict().items():
+        if key != "inv_freq" and key not in linear_names:
+            v = value.detach().cpu()
+            if v.is_floating_point():
+                v16 = v.to(torch.float16)
+                if not bool(torch.isfinite(v16).all()):
+                    raise ExportError(f"{key} overflows fp16 (|x| > 65504), which the GPTQ folder stores; "
+                                      "use the default compressed-tensors format (--format ct)")
+                v = v16
+            state[key] = v
+    facts = {"scales_exact_in_fp16": max_rel == 0.0, "max_rel_scale_rounding": max_rel}
+    return {k: v.contiguous().cpu() for k, v in state.items()}, facts
 
 
 def _packed_state(result: QuantizeResult) -> dict[str, torch.Tensor]:
@@ -130,44 +214,100 @@ def _packed_state(result: QuantizeResult) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def export_checkpoint(result: QuantizeResult, out_dir: Path) -> int:
-    """Write the job folder atomically; returns the bytes of the model folder."""
+def _write_sidecar(folder: Path, result: QuantizeResult, transform: bool) -> None:
+    """Tokenizer/generation files, rotations, the job config and serve.sh (eval_report.json comes last)."""
+    for p in result.source_path.iterdir():
+        if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "generation_config"))
+                            or p.suffix in (".model", ".tiktoken")):
+            shutil.copy2(p, folder / p.name)
+    if result.r1 is not None:
+        rot = {"R1": result.r1.float().contiguous().cpu()}
+        for i, r2 in enumerate(result.r2s or []):
+            rot[f"model.layers.{i}.self_attn.R2"] = r2.float().contiguous().cpu()
+        (folder / "spinquant").mkdir()
+        save_file(rot, str(folder / "spinquant" / "rotations.safetensors"))
+    (folder / "spinquant_config.json").write_text(json.dumps(config_to_dict(result.cfg), indent=2))
+    (folder / "serve.sh").write_text(serve_command(result.cfg, transform, folder.name))
+
+
+def check_formats(cfg: SpinQuantConfig, formats: Any, online_r4: bool | None = None) -> tuple[str, ...]:
+    """The normalised formats, or ExportError naming why one cannot hold the job.
+
+    ``online_r4`` None derives it from the config (the CLI checks before spending any compute).
+    """
+    if isinstance(formats, str):
+        formats = ("ct", "gptq") if formats == "both" else (formats,)
+    formats = tuple(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ExportError(f"unknown export format(s) {bad or formats!r}; accepted: ct, gptq (or both)")
+    if "gptq" in formats:
+        why = gptq_refusals(cfg, cfg.r4_mode[0] != "none" if online_r4 is None else online_r4)
+        if why:
+            raise ExportError(f"GPTQ v1 cannot hold this {cfg.scheme} job: {'; '.join(why)}. "
+                              "Use the default compressed-tensors format (--format ct).")
+    return formats
+
+
+def export_checkpoint(result: QuantizeResult, out_dir: Path, formats: Any = ("ct",)) -> int:
+    """Write the job folder atomically; returns the bytes of the model folder (gptq/ when only GPTQ).
+
+    Args:
+        formats: any of "ct" (compressed-tensors, model/) and "gptq" (GPTQ v1, gptq/); "both" for both.
+
+    Raises:
+        ExportError: a format that cannot hold the job (checked before anything is written).
+    """
     out_dir = Path(out_dir)
+    formats = check_formats(result.cfg, formats, result.runtime is not None and result.runtime.r4 is not None)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose a new --out folder")
     cfg, arch = result.cfg, result.arch
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        mdir = tmp / "model"
-        mdir.mkdir()
-        save_file(_packed_state(result), str(mdir / "model.safetensors"), metadata={"format": "pt"})
-        r4 = result.runtime.r4 if result.runtime is not None else None
-        if r4 is not None and r4.mode != "block":
-            # The full K*2^m R4 has no compressed-tensors description; our runtime still runs it.
-            r4_block = None
-        else:
-            r4_block = r4.block if r4 is not None else None
         src_cfg = json.loads((result.source_path / "config.json").read_text())
         src_cfg["tie_word_embeddings"] = False  # lm_head is a separate copy (rotated, norm folded)
-        src_cfg["quantization_config"] = quantization_config(cfg, arch.head_dim, r4_block)
-        (mdir / "config.json").write_text(json.dumps(src_cfg, indent=2))
-        for p in result.source_path.iterdir():
-            if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "generation_config"))
-                                or p.suffix in (".model", ".tiktoken")):
-                shutil.copy2(p, mdir / p.name)
-        if result.r1 is not None:
-            rot = {"R1": result.r1.float().contiguous().cpu()}
-            for i, r2 in enumerate(result.r2s or []):
-                rot[f"model.layers.{i}.self_attn.R2"] = r2.float().contiguous().cpu()
-            (mdir / "spinquant").mkdir()
-            save_file(rot, str(mdir / "spinquant" / "rotations.safetensors"))
-        (mdir / "spinquant_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        (mdir / "serve.sh").write_text(serve_command(cfg, r4 is not None))
-        size = sum(p.stat().st_size for p in mdir.rglob("*") if p.is_file())
+        r4 = result.runtime.r4 if result.runtime is not None else None
+        sizes: dict[str, int] = {}
+        folders: list[Path] = []
+        if "ct" in formats:
+            mdir = tmp / "model"
+            mdir.mkdir()
+            save_file(_packed_state(result), str(mdir / "model.safetensors"), metadata={"format": "pt"})
+            if r4 is not None and r4.mode != "block":
+                # The full K*2^m R4 has no compressed-tensors description; our runtime still runs it.
+                r4_block = None
+            else:
+                r4_block = r4.block if r4 is not None else None
+            ct_cfg = dict(src_cfg, quantization_config=quantization_config(cfg, arch.head_dim, r4_block))
+            (mdir / "config.json").write_text(json.dumps(ct_cfg, indent=2))
+            _write_sidecar(mdir, result, r4 is not None)
+            folders.append(mdir)
+        if "gptq" in formats:
+            gdir = tmp / "gptq"
+            gdir.mkdir()
+            gstate, facts = _gptq_state(result)
+            save_file(gstate, str(gdir / "model.safetensors"), metadata={"format": "pt"})
+            qc = gptq_quantization_config(cfg)
+            g_cfg = dict(src_cfg, quantization_config=qc)
+            for key in ("dtype", "torch_dtype"):
+                if key in g_cfg or key == "dtype":
+                    g_cfg[key] = "float16"
+            (gdir / "config.json").write_text(json.dumps(g_cfg, indent=2))
+            (gdir / "quantize_config.json").write_text(json.dumps(qc, indent=2))
+            _write_sidecar(gdir, result, False)
+            folders.append(gdir)
+            result.report["gptq_export"] = facts
+        for f in folders:
+            sizes[f.name] = sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
+        size = sizes.get("model", sizes.get("gptq", 0))
         result.report["checkpoint_bytes"] = size
+        if len(sizes) > 1:
+            result.report["checkpoint_bytes_by_folder"] = sizes
         result.report["serving"] = {"vllm": vllm_serving_verdict(cfg)}
-        (mdir / "eval_report.json").write_text(json.dumps(result.report, indent=2))
+        for f in folders:
+            (f / "eval_report.json").write_text(json.dumps(result.report, indent=2))
         write_sha256sums(tmp)
         if out_dir.exists():
             out_dir.rmdir()
