@@ -106,6 +106,34 @@ def serve_command(cfg: SpinQuantConfig, transform: bool, folder: str = "model") 
     return f"vllm serve ./{folder} {tp}{kv}".strip() + "\n"
 
 
+def serve_markdown(cfg: SpinQuantConfig, transform: bool, folder: str) -> str:
+    """SERVE.md: how to serve this folder, and what each runtime does and does not apply."""
+    verdict = vllm_serving_verdict(cfg)
+    a, kv = cfg.activations.bits, cfg.kv.bits
+    lines = [
+        f"# Serving this checkpoint ({cfg.method.value}, {cfg.scheme})", "",
+        "```", serve_command(cfg, transform, folder).strip(), "```", "",
+        "| runtime | weights | activations | R4 (down_proj) | R3 (Q/K) | KV cache |",
+        "|---|---|---|---|---|---|",
+        f"| quant_core (`python -m quant_core eval {folder}/..`) | int4 | "
+        f"{'int%d per token' % a if a < 16 else '16-bit'} | {'yes' if cfg.r4_mode[0] != 'none' else 'none'} | "
+        f"{'yes' if cfg.r3_on else 'off'} | {'int%d' % kv if kv < 16 else '16-bit'} |",
+        f"| vLLM | int4 (Marlin/Machete) | {'int4/int8 symmetric per token (recent vLLM + humming-kernels)' if a < 16 else '16-bit'} | "
+        f"{'block Hadamard only, TP=1' if transform else 'none'} | not applied | "
+        f"{'--kv-cache-dtype int4_per_token_head (no R3)' if kv == 4 else '16-bit' if kv == 16 else 'fp8/int8 flag'} |",
+        "",
+        "quant_core reproduces the report's `quant_ppl` exactly. "
+        + ("vLLM serves exactly what was evaluated." if verdict is True else
+           "vLLM serves an approximation of what was evaluated, because: " + "; ".join(verdict) + "."),
+        "",
+    ]
+    if cfg.r4_mode[0] == "full":
+        lines += ["**Do not serve this folder with vLLM**: the full K*2^m R4 is fused into down_proj but "
+                  "compressed-tensors cannot describe it, so vLLM would run without the online half. "
+                  "Re-run with `--method spinquant-vllm` or `--r4 block:auto` for a vLLM-servable checkpoint.", ""]
+    return "\n".join(lines)
+
+
 FORMATS = {"ct": "model", "gptq": "gptq"}  # format -> folder in the job
 _FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)  # 6.1e-5 .. 65504
 
@@ -228,6 +256,7 @@ def _write_sidecar(folder: Path, result: QuantizeResult, transform: bool) -> Non
         save_file(rot, str(folder / "spinquant" / "rotations.safetensors"))
     (folder / "spinquant_config.json").write_text(json.dumps(config_to_dict(result.cfg), indent=2))
     (folder / "serve.sh").write_text(serve_command(result.cfg, transform, folder.name))
+    (folder / "SERVE.md").write_text(serve_markdown(result.cfg, transform, folder.name))
 
 
 def check_formats(cfg: SpinQuantConfig, formats: Any, online_r4: bool | None = None) -> tuple[str, ...]:

@@ -110,3 +110,12 @@ def test_cli_eval_and_generate(exported, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "quant_core", "eval", str(tmp_path), "--eval-text", str(TEST_TEXT)],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "not an exported checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_serve_md_names_what_vllm_does_not_apply(exported) -> None:
+    _, out = exported
+    text = (out / "model" / "SERVE.md").read_text()
+    assert "vllm serve ./model --tensor-parallel-size 1 --kv-cache-dtype int4_per_token_head" in text
+    assert "R3 (online Q/K Hadamard) is not applied by vLLM" in text and "not applied" in text
+    assert (out / "model" / "serve.sh").read_text().startswith("vllm serve ./model")
+    assert "Do not serve this folder with vLLM" in text  # full K*2^m R4 cannot be described for vLLM
