@@ -119,3 +119,16 @@ def test_serve_md_names_what_vllm_does_not_apply(exported) -> None:
     assert "R3 (online Q/K Hadamard) is not applied by vLLM" in text and "not applied" in text
     assert (out / "model" / "serve.sh").read_text().startswith("vllm serve ./model")
     assert "Do not serve this folder with vLLM" in text  # full K*2^m R4 cannot be described for vLLM
+
+
+def test_int4_kernel_path_matches_the_report_within_a_tenth_of_a_percent(tmp_path: Path) -> None:
+    """W4A16 g128 bf16 on PyTorch's CPU int4 kernel: weights never dequantized, ppl within 0.1%."""
+    from quant_core.runtime import Int4Linear
+
+    cfg = make_config("spinquant", w_bits=4, a_bits=16, kv_bits=16, w_group_size=128, dtype="bfloat16", **SMALL)
+    res = quantize_model(str(LLAMA), cfg)
+    export_checkpoint(res, tmp_path / "job")
+    model, _, _ = load(tmp_path / "job", int4_kernels=True)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
+    ppl = perplexity(model, res.eval_windows)
+    assert abs(ppl / res.report["quant_ppl"] - 1) <= 1e-3
