@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, help="window length (default: the one the report used)")
     e.add_argument("--eval-windows", type=int, default=0, help="score only the first N windows")
     e.add_argument("--report-json", type=Path, help='write {"ppl": x, ...} here')
-    e.add_argument("--int4-kernels", action="store_true",
-                   help="W4A16 bf16 group 32-256 on CPU: run PyTorch's int4 kernel instead of dequantized weights")
+    e.add_argument("--no-int4-kernels", action="store_true",
+                   help="dequantize-and-matmul even where PyTorch's int4 kernel applies (bit-exact with the report)")
     g = sub.add_parser("generate", help="greedy text generation with an exported checkpoint")
     g.add_argument("checkpoint", type=Path)
     g.add_argument("--prompt", required=True)
@@ -90,7 +90,7 @@ def _eval(a: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .runtime import _folders, load
 
-    model, cfg, report = load(a.checkpoint, int4_kernels=a.int4_kernels)
+    model, cfg, report = load(a.checkpoint, int4_kernels=not a.no_int4_kernels)
     tok = load_tokenizer(_folders(a.checkpoint)[1])
     seq_len = a.seq_len or cfg.eval.seq_len
     source = f"file:{a.eval_text}" if a.eval_text else a.eval_dataset

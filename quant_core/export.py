@@ -5,7 +5,8 @@ Layout (CHECKPOINT.md §0, §1, §3)::
     <out>/model/config.json                 incl. quantization_config (+ transform_config for R4)
     <out>/model/model.safetensors           weight_packed / weight_scale / weight_shape per linear
     <out>/model/tokenizer*, generation_config.json
-    <out>/model/spinquant_config.json       the exact versioned job config
+    <out>/model/quant_config.json           the exact versioned job config (also as spinquant_config.json,
+                                            the name CHECKPOINT.md gives it for other tools)
     <out>/model/eval_report.json            the report (quant_ppl is this folder's perplexity)
     <out>/model/serve.sh                    the vLLM command for this scheme
     <out>/model/spinquant/rotations.safetensors   R1 and every layer's R2 (Meta's R.bin key names)
@@ -254,7 +255,9 @@ def _write_sidecar(folder: Path, result: QuantizeResult, transform: bool) -> Non
             rot[f"model.layers.{i}.self_attn.R2"] = r2.float().contiguous().cpu()
         (folder / "spinquant").mkdir()
         save_file(rot, str(folder / "spinquant" / "rotations.safetensors"))
-    (folder / "spinquant_config.json").write_text(json.dumps(config_to_dict(result.cfg), indent=2))
+    config_json = json.dumps(config_to_dict(result.cfg), indent=2)
+    for name in ("quant_config.json", "spinquant_config.json"):  # the name and CHECKPOINT.md's
+        (folder / name).write_text(config_json)
     (folder / "serve.sh").write_text(serve_command(result.cfg, transform, folder.name))
     (folder / "SERVE.md").write_text(serve_markdown(result.cfg, transform, folder.name))
 

@@ -2,7 +2,7 @@
 
 ``load(path)`` verifies SHA256SUMS, unpacks the int4 weights, dequantizes them with the stored
 scales (bit-identical to the fake-quantized weights the job evaluated) and switches on the online
-R3/R4 and the activation/KV quantizers that ``spinquant_config.json`` records.
+R3/R4 and the activation/KV quantizers that ``quant_config.json`` records.
 
 Example:
     >>> model, cfg, report = load("out/job")
@@ -70,15 +70,16 @@ def _read_json(f: Path) -> Any:
 
 
 def load(path: str | Path, *, device: str = "cpu", verify: bool = True,
-         int4_kernels: bool = False) -> tuple[DecoderLM, SpinQuantConfig, dict[str, Any]]:
+         int4_kernels: bool = True) -> tuple[DecoderLM, SpinQuantConfig, dict[str, Any]]:
     """The exported model with its online transforms and quantizers, its config and its report.
 
     Args:
         path: the job folder (with model/ and SHA256SUMS) or its model/ folder.
         verify: check SHA256SUMS first (on by default; a mismatch names the file).
-        int4_kernels: for weight-only symmetric bf16 checkpoints with group 32/64/128/256 on CPU, run the
-            linears on PyTorch's int4 kernel instead of dequantized weights (not bit-exact: the kernel
-            accumulates in its own order; within 0.1% perplexity). Other checkpoints ignore it.
+        int4_kernels: where the device has PyTorch's int4 weight kernel (CPU; weight-only, symmetric,
+            bfloat16, group 32/64/128/256) run the linears on it instead of dequantized weights. Not
+            bit-exact (the kernel accumulates in its own order; ~2e-5 relative perplexity on the
+            fixture); False gives the bit-exact dequantize-and-matmul path. Other checkpoints ignore it.
     """
     from .pipeline import _runtime, validate_environment  # the same runtime settings as the job
 
@@ -86,7 +87,7 @@ def load(path: str | Path, *, device: str = "cpu", verify: bool = True,
     if verify:
         verify_checksums(root)
     try:
-        cfg = config_from_dict(_read_json(mdir / "spinquant_config.json"))
+        cfg = config_from_dict(_read_json(mdir / "quant_config.json"))
         arch = arch_from_config(_read_json(mdir / "config.json"))
     except (ConfigError, ModelError) as exc:
         raise CheckpointError(f"{mdir}: {exc}") from None

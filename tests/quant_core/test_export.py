@@ -38,7 +38,7 @@ def test_round_trip_reproduces_the_report(method: str, bits, tmp_path: Path) -> 
     w, a, kv = bits
     res = quantize_model(str(LLAMA), make_config(method, w_bits=w, a_bits=a, kv_bits=kv, **SMALL))
     export_checkpoint(res, tmp_path / "job")
-    model, cfg, report = load(tmp_path / "job")
+    model, cfg, report = load(tmp_path / "job", int4_kernels=False)  # the bit-exact path
     assert cfg == res.cfg and report["quant_ppl"] == res.report["quant_ppl"]
     ppl = perplexity(model, res.eval_windows)
     assert abs(ppl / res.report["quant_ppl"] - 1) <= 1e-3
@@ -128,7 +128,9 @@ def test_int4_kernel_path_matches_the_report_within_a_tenth_of_a_percent(tmp_pat
     cfg = make_config("spinquant", w_bits=4, a_bits=16, kv_bits=16, w_group_size=128, dtype="bfloat16", **SMALL)
     res = quantize_model(str(LLAMA), cfg)
     export_checkpoint(res, tmp_path / "job")
-    model, _, _ = load(tmp_path / "job", int4_kernels=True)
+    model, _, _ = load(tmp_path / "job")  # on by default where the kernel applies
     assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
+    exact, _, _ = load(tmp_path / "job", int4_kernels=False)
+    assert not isinstance(exact.model.layers[0].mlp.down_proj, Int4Linear)
     ppl = perplexity(model, res.eval_windows)
     assert abs(ppl / res.report["quant_ppl"] - 1) <= 1e-3

@@ -54,7 +54,7 @@ def test_gptq_folder_holds_the_same_integers_as_compressed_tensors(w4a16) -> Non
     res, out = w4a16
     sums = (out / "SHA256SUMS").read_text()
     for folder in ("model", "gptq"):  # one SHA256SUMS covers both folders and the same sidecar
-        for f in ("config.json", "model.safetensors", "spinquant_config.json", "eval_report.json", "serve.sh",
+        for f in ("config.json", "model.safetensors", "spinquant_config.json", "quant_config.json", "eval_report.json", "serve.sh",
                   "spinquant/rotations.safetensors", "tokenizer.json", "generation_config.json"):
             assert (out / folder / f).is_file() and f"  {folder}/{f}\n" in sums, f"{folder}/{f}"
     assert "  gptq/quantize_config.json\n" in sums and not (out / "gptq" / "SHA256SUMS").exists()
