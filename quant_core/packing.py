@@ -118,6 +118,16 @@ def _check_features(n: int, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {n!r}")
 
 
+def _check_words(n: int, name: str, packed: Tensor, packed_name: str, words: int) -> None:
+    """n (a feature count) must be exactly 8 nibbles per packed word along the packed dim."""
+    _check_features(n, name)
+    if n != _NIBBLES * words:
+        raise ValueError(
+            f"{name}={n} does not match {packed_name} shape {tuple(packed.shape)} "
+            f"(expected {_NIBBLES} * {words} = {_NIBBLES * words})"
+        )
+
+
 # --------------------------------------------------------------------------- compressed-tensors
 
 
@@ -162,12 +172,7 @@ def unpack_int4_rows(packed: Tensor, in_features: int) -> Tensor:
         tensor([[-8, -7, -6, -5, -4, -3, -2, -1]], dtype=torch.int8)
     """
     _check_packed(packed, "packed")
-    _check_features(in_features, "in_features")
-    if in_features != _NIBBLES * packed.shape[1]:
-        raise ValueError(
-            f"in_features={in_features} does not match packed shape {tuple(packed.shape)} "
-            f"(expected {_NIBBLES} * {packed.shape[1]} = {_NIBBLES * packed.shape[1]})"
-        )
+    _check_words(in_features, "in_features", packed, "packed", packed.shape[1])
     return (_unpack_last(packed) - _OFFSET).to(torch.int8)  # (out, in/8) -> (out, in)
 
 
@@ -268,12 +273,7 @@ def unpack_gptq_qweight(qweight: Tensor, in_features: int) -> Tensor:
         tensor([[-8, -7, -6, -5, -4, -3, -2, -1]], dtype=torch.int8)
     """
     _check_packed(qweight, "qweight")
-    _check_features(in_features, "in_features")
-    if in_features != _NIBBLES * qweight.shape[0]:
-        raise ValueError(
-            f"in_features={in_features} does not match qweight shape {tuple(qweight.shape)} "
-            f"(expected {_NIBBLES} * {qweight.shape[0]} = {_NIBBLES * qweight.shape[0]})"
-        )
+    _check_words(in_features, "in_features", qweight, "qweight", qweight.shape[0])
     u = _unpack_last(qweight.t())  # (in/8, out) -> (out, in/8) -> (out, in)
     return (u - _OFFSET).to(torch.int8).contiguous()
 
@@ -336,11 +336,6 @@ def unpack_gptq_qzeros(qzeros: Tensor, out_features: int) -> Tensor:
         tensor([8, 8, 8, 8, 8, 8, 8, 8], dtype=torch.int8)
     """
     _check_packed(qzeros, "qzeros")
-    _check_features(out_features, "out_features")
-    if out_features != _NIBBLES * qzeros.shape[1]:
-        raise ValueError(
-            f"out_features={out_features} does not match qzeros shape {tuple(qzeros.shape)} "
-            f"(expected {_NIBBLES} * {qzeros.shape[1]} = {_NIBBLES * qzeros.shape[1]})"
-        )
+    _check_words(out_features, "out_features", qzeros, "qzeros", qzeros.shape[1])
     stored = _unpack_last(qzeros)  # (ng, out/8) -> (ng, out)
     return (stored + 1).t().to(torch.int8).contiguous()  # (ng, out) -> (out, ng)

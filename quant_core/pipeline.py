@@ -31,7 +31,9 @@ from .evaluate import zero_shot as evaluate_zero_shot
 from .gptq import GPTQResult
 from .hadamard import HadamardPlan, largest_pow2_block, plan_hadamard, random_hadamard_matrix
 from .learn import train_rotations
-from .models import ArchSpec, DecoderLM, ModelError, QuantRuntime, load_model, resolve_model, weight_files
+from .models import (
+    ArchSpec, DecoderLM, ModelError, QuantRuntime, arch_from_config, load_model, resolve_model, weight_files,
+)
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 from .rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
 
@@ -103,7 +105,8 @@ def validate_environment(cfg: SpinQuantConfig, arch: ArchSpec) -> Plans:
     return Plans(r3=r3, r4=r4)
 
 
-def _runtime(cfg: SpinQuantConfig, arch: ArchSpec, plans: Plans, *, a_bits: int, kv_bits: int) -> QuantRuntime:
+def build_runtime(cfg: SpinQuantConfig, arch: ArchSpec, plans: Plans, *, a_bits: int, kv_bits: int) -> QuantRuntime:
+    """The online transforms and quantizers a config implies; the pipeline and quant_core.runtime share it."""
     a, kv = cfg.activations, cfg.kv
     return QuantRuntime(
         a_bits=a_bits, a_sym=a.sym, a_clip=a.clip_ratio, a_half_range=a.half_range,
@@ -154,8 +157,6 @@ def quantize_model(
     t0 = time.perf_counter()
     progress("load", 0.0, {"model": model_ref})
     src = resolve_model(model_ref, revision, cache_dir)
-    from .models import arch_from_config
-
     arch = arch_from_config(src.config)
     plans = validate_environment(cfg, arch)
     weight_files(src.path)  # refuse pickle-only or missing weights before reading any text
@@ -203,7 +204,7 @@ def quantize_model(
         assert r1 is not None and r2s is not None
         assert calib_tokens is not None
         blocks = train_blocks(calib_tokens, cfg.train.samples, cfg.calib.seq_len)
-        model.quant = _runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
+        model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
         try:
             res = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel)
         finally:
@@ -218,7 +219,7 @@ def quantize_model(
     if cfg.rotating:
         assert r1 is not None
         merge_rotations(model, r1, r2s)
-        model.quant = _runtime(cfg, arch, plans, a_bits=16, kv_bits=16)  # online R3/R4 only
+        model.quant = build_runtime(cfg, arch, plans, a_bits=16, kv_bits=16)  # online R3/R4 only
         invariance = float((_logits(model, probe) - fp_logits).abs().max())
     qweights: dict[str, GPTQResult] = {}
     if cfg.weights.bits < 16:
@@ -233,7 +234,7 @@ def quantize_model(
 
     # -- evaluate the model exactly as it will be exported -----------------------------------------------
     t0 = time.perf_counter()
-    runtime = _runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
+    runtime = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
     model.quant = runtime
     quant_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate")
     if cfg.zero_shot_tasks:

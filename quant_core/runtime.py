@@ -81,7 +81,7 @@ def load(path: str | Path, *, device: str = "cpu", verify: bool = True,
             bit-exact (the kernel accumulates in its own order; ~2e-5 relative perplexity on the
             fixture); False gives the bit-exact dequantize-and-matmul path. Other checkpoints ignore it.
     """
-    from .pipeline import _runtime, validate_environment  # the same runtime settings as the job
+    from .pipeline import build_runtime, validate_environment  # the same runtime settings as the job
 
     root, mdir = _folders(Path(path))
     if verify:
@@ -135,7 +135,7 @@ def load(path: str | Path, *, device: str = "cpu", verify: bool = True,
     for p in model.parameters():
         p.requires_grad_(False)
     plans = validate_environment(cfg, arch)
-    model.quant = _runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
+    model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
     if int4_kernels and int4_kernels_apply(cfg, dtype, device):
         for prefix, (q, scale) in codes.items():
             parent_name, _, child = prefix.rpartition(".")
