@@ -170,7 +170,7 @@ def _quantize(a: argparse.Namespace) -> int:
     if a.out is not None and a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
         raise ConfigError(f"--out {a.out} already exists and is not an empty folder")
     if a.out is not None:
-        from .export import check_formats
+        from .formats import check_formats
 
         check_formats(cfg, a.export_format)  # refuse a format that cannot hold the job before any compute
     from .pipeline import quantize_model  # heavy imports only once the arguments are valid

@@ -68,6 +68,7 @@ def quantize_weights(
     """
     arch = model.arch
     results: dict[str, GPTQResult] = {}
+    progress("quantize", 0.0, {"layer": 0, "of": arch.n_layers})  # marks the stage's start for timings
     if cfg.weights.algo is WeightAlgo.RTN:
         for i in range(arch.n_layers):
             check_cancel(should_cancel, f"quantizing layer {i + 1}/{arch.n_layers}")

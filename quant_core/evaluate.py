@@ -51,6 +51,7 @@ def perplexity(
     device = model.lm_head.weight.device
     batch = max(1, batch_tokens // windows.shape[1])
     total, count = 0.0, 0
+    progress(stage, 0.0, {"windows": 0, "of": windows.shape[0]})  # marks the stage's start for timings
     for start in range(0, windows.shape[0], batch):
         check_cancel(should_cancel, stage)
         nll, n = window_nll(model, windows[start : start + batch].to(device))

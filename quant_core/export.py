@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import SpinQuantConfig, config_to_dict, vllm_serving_verdict
+from .formats import FORMATS, ExportError, check_formats, gptq_refusals
 from .models import decoder_linears, layer_prefix
 from .packing import gptq_qzeros, pack_gptq_qweight, pack_int4_rows, pack_int4_zero_points
 
@@ -40,10 +41,6 @@ if TYPE_CHECKING:
     from .pipeline import QuantizeResult
 
 CT_VERSION = "0.20.0"  # the compressed-tensors version our interop tests decompress with
-
-
-class ExportError(ValueError):
-    """A setting the requested format cannot hold; the message says what it accepts."""
 
 
 def sha256_file(path: Path) -> str:
@@ -135,28 +132,7 @@ def serve_markdown(cfg: SpinQuantConfig, transform: bool, folder: str) -> str:
     return "\n".join(lines)
 
 
-FORMATS = {"ct": "model", "gptq": "gptq"}  # format -> folder in the job
 _FP16_NORMAL = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)  # 6.1e-5 .. 65504
-
-
-def gptq_refusals(cfg: SpinQuantConfig, online_r4: bool) -> list[str]:
-    """Why GPTQ v1 cannot hold this job (CHECKPOINT.md §2); empty when it can."""
-    why = []
-    if cfg.weights.bits != 4:
-        why.append(f"weights.bits={cfg.weights.bits} (GPTQ v1 export writes 4-bit weights only)")
-    if not cfg.weights.sym:
-        why.append("asymmetric weights (weights.sym=false; the GPTQ export is symmetric only)")
-    if cfg.weights.gptq.act_order:
-        why.append("act_order (desc_act; the GPTQ export writes desc_act=false)")
-    if online_r4:
-        why.append("an online R4 Hadamard on down_proj (GPTQ has nowhere to store it; use rotation.r4=none)")
-    if cfg.r3_on:
-        why.append("R3 on (an online Hadamard on queries/keys)")
-    if cfg.activations.bits < 16:
-        why.append(f"activation bits {cfg.activations.bits} < 16 (GPTQ is weight-only, W4A16)")
-    if cfg.kv.bits < 16:
-        why.append(f"KV bits {cfg.kv.bits} < 16 (GPTQ holds no KV-cache quantization)")
-    return why
 
 
 def gptq_quantization_config(cfg: SpinQuantConfig) -> dict[str, Any]:
@@ -260,25 +236,6 @@ def _write_sidecar(folder: Path, result: QuantizeResult, transform: bool) -> Non
         (folder / name).write_text(config_json)
     (folder / "serve.sh").write_text(serve_command(result.cfg, transform, folder.name))
     (folder / "SERVE.md").write_text(serve_markdown(result.cfg, transform, folder.name))
-
-
-def check_formats(cfg: SpinQuantConfig, formats: Any, online_r4: bool | None = None) -> tuple[str, ...]:
-    """The normalised formats, or ExportError naming why one cannot hold the job.
-
-    ``online_r4`` None derives it from the config (the CLI checks before spending any compute).
-    """
-    if isinstance(formats, str):
-        formats = ("ct", "gptq") if formats == "both" else (formats,)
-    formats = tuple(dict.fromkeys(formats))
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise ExportError(f"unknown export format(s) {bad or formats!r}; accepted: ct, gptq (or both)")
-    if "gptq" in formats:
-        why = gptq_refusals(cfg, cfg.r4_mode[0] != "none" if online_r4 is None else online_r4)
-        if why:
-            raise ExportError(f"GPTQ v1 cannot hold this {cfg.scheme} job: {'; '.join(why)}. "
-                              "Use the default compressed-tensors format (--format ct).")
-    return formats
 
 
 def export_checkpoint(result: QuantizeResult, out_dir: Path, formats: Any = ("ct",)) -> int:

@@ -125,6 +125,7 @@ def train_rotations(
     start = time.perf_counter()
     n = blocks.shape[0]
     cursor = 0
+    progress("learn", 0.0, {"step": 0, "steps": tc.steps})  # marks the stage's start for timings
     for step in range(tc.steps):
         check_cancel(should_cancel, f"rotation learning step {step + 1}/{tc.steps}")
         step_loss = 0.0

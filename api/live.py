@@ -1,0 +1,59 @@
+"""Live progress in Redis, shared by the API (reader) and the worker (writer).
+
+Per job: a hash ``job:{id}`` with the latest stage/progress/eta/step/loss for cheap reads, and a
+capped stream ``job:{id}:events`` that a late subscriber replays (pub/sub would drop events when
+nobody listens). ``job:{id}:cancel`` is the cooperative cancel flag; ``job:{id}:lock`` makes a
+duplicate delivery exit at once. The SQL row stays the truth; these keys expire after the job ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+STREAM_MAXLEN = 1000  # approximate cap (XADD MAXLEN ~)
+
+
+def state_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"job:{job_id}:events"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"job:{job_id}:cancel"
+
+
+def lock_key(job_id: str) -> str:
+    return f"job:{job_id}:lock"
+
+
+def event_fields(kind: str, data: dict[str, Any]) -> dict[str, str]:
+    """Stream entry fields: the SSE event name and its JSON payload."""
+    return {"type": kind, "data": json.dumps(data, default=str), "ts": f"{time.time():.3f}"}
+
+
+def publish_event(redis: Any, job_id: str, kind: str, data: dict[str, Any]) -> str:
+    """XADD one event (sync client); returns the stream id."""
+    eid = redis.xadd(events_key(job_id), event_fields(kind, data), maxlen=STREAM_MAXLEN, approximate=True)
+    return eid.decode() if isinstance(eid, bytes) else str(eid)
+
+
+def expire_job_keys(redis: Any, job_id: str, ttl_s: int) -> None:
+    for key in (state_key(job_id), events_key(job_id), cancel_key(job_id)):
+        redis.expire(key, ttl_s)
+
+
+def decode_hash(raw: dict[Any, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        k = k.decode() if isinstance(k, bytes) else k
+        v = v.decode() if isinstance(v, bytes) else v
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out

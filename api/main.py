@@ -1,0 +1,116 @@
+"""The FastAPI app: wiring only (services, middleware, error handlers, routers).
+
+Run: ``python -m api serve`` or ``uvicorn api.main:app``. Settings come from SPINQUANT_* variables.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .crud import RequestError
+from .db import make_engine, make_sessionmaker, migrate
+from .deps import Services
+from .queue import make_sender
+from .routes import jobs, system, texts
+from .settings import Settings, get_settings
+from .storage import StoreError, make_store
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for bodies over the limit, before they are read into memory (Content-Length or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._reject(send)
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = (f'{{"detail":"request body too large; the limit is {self.max_bytes} bytes '
+                f'(SPINQUANT_MAX_BODY_BYTES)"}}').encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def build_services(settings: Settings) -> Services:
+    engine = make_engine(settings.database_url)
+    return Services(settings=settings, sessions=make_sessionmaker(engine), redis=redis.Redis.from_url(settings.redis_url),
+                    aredis=aioredis.Redis.from_url(settings.redis_url), sender=make_sender(settings.redis_url),
+                    store=make_store(settings.artifact_root))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            migrate(settings.database_url)
+        app.state.services = build_services(settings)
+        yield
+        await app.state.services.aredis.aclose()
+        app.state.services.redis.close()
+
+    app = FastAPI(title="SpinQuant service", version="0.1.0", lifespan=lifespan,
+                  description="Quantize causal LMs to 4 bits with learned rotations (SpinQuant); watch jobs live; "
+                              "download real int4 checkpoints. Authenticate with 'Authorization: Bearer <token>'.")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": [{"loc": exc.loc, "msg": exc.msg, "type": exc.kind}]}, status_code=exc.status)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    app.include_router(jobs.router)
+    app.include_router(texts.router)
+    app.include_router(system.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn api.main:app` builds the app lazily, so importing this module reads no settings.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""HTTP routes: jobs, texts, and the operational endpoints (health, readiness, metrics)."""

@@ -1,0 +1,17 @@
+"""The Celery app of the GPU workers. Torch-free at import: quant_core is imported inside the task.
+
+Run one per GPU (QUEUE.md §3):
+    CUDA_VISIBLE_DEVICES=0 celery -A worker.celery_app worker -Q gpu -c 1 -n gpu0@%h \
+        --prefetch-multiplier=1 --max-tasks-per-child=1 --statedb=/var/lib/spinquant/gpu0.state
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from api.queue import celery_config
+
+from .settings import get_settings
+
+app = Celery("spinquant-worker", include=["worker.tasks"])
+app.conf.update(celery_config(get_settings().redis_url))

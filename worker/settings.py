@@ -1,0 +1,28 @@
+"""The worker process's settings: one pydantic-settings object, env prefix SPINQUANT_ (shared with the API)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPINQUANT_", extra="ignore")  # the API's keys share the prefix
+
+    database_url: str = "sqlite:///runs/service/spinquant.db"  # the job store (same as the API's)
+    redis_url: str = "redis://127.0.0.1:6379/0"  # broker and live progress
+    artifact_root: Path = Path("runs/service/artifacts")  # the artifact store root (same as the API's)
+    models_dir: Path | None = None  # where `local:<name>` models live (same as the API's)
+    hub_cache_dir: Path | None = None  # Hugging Face download cache; None = the hub's default
+    events_ttl_s: int = Field(default=7 * 86400, ge=60)  # progress keys expire this long after a job ends
+    lock_ttl_s: int = Field(default=120, ge=10)  # job lock lifetime; a heartbeat refreshes it every third
+    max_attempts: int = Field(default=2, ge=1)  # deliveries after which a job is failed as 'worker lost'
+    db_write_interval_s: float = Field(default=2.0, ge=0.0)  # progress rows are written at most this often
+
+
+@lru_cache
+def get_settings() -> WorkerSettings:
+    return WorkerSettings()

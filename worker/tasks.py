@@ -1,0 +1,223 @@
+"""The one task: ``worker.quantize(job_id)``, a thin idempotent adapter around quant_core.
+
+It re-reads the job row (the truth), exits at once for a finished or cancelled job or when another
+delivery holds the job's lock, counts attempts (a SIGKILLed child is redelivered; above the cap the
+job fails as 'worker lost'), imports quant_core only inside the task (never CUDA before the fork),
+runs the pipeline with a Redis/SQL progress publisher and a Redis cancel flag, exports into scratch
+space and publishes the folder into the artifact store in one rename, then records the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from redis import Redis
+from sqlalchemy import update
+
+from api import live
+from api.crud import RequestError, resolve_local, text_key
+from api.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Artifact, Job, make_engine, \
+    make_sessionmaker, utcnow
+from api.queue import QUANTIZE_TASK
+from api.storage import ArtifactStore, make_store
+
+from .celery_app import app
+from .progress import Publisher, stage_weights
+from .settings import WorkerSettings, get_settings
+
+log = logging.getLogger("worker.tasks")
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the job lock alive while the job runs; a dead worker's lock expires within lock_ttl_s."""
+
+    def __init__(self, redis: Redis, key: str, ttl: int) -> None:
+        super().__init__(daemon=True)
+        self.redis, self.key, self.ttl, self.stop = redis, key, ttl, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.ttl / 3):
+            try:
+                self.redis.expire(self.key, self.ttl)
+            except Exception:  # a Redis blip: the next beat tries again
+                log.warning("lock heartbeat failed for %s", self.key)
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(error code, message) for a failed job: bad input is the user's to fix, the rest is ours."""
+    from quant_core.calibration import DataError
+    from quant_core.config import ConfigError
+    from quant_core.formats import ExportError
+    from quant_core.models import ModelError
+    from quant_core.progress import Cancelled
+
+    if isinstance(exc, Cancelled):
+        return "cancelled", str(exc)
+    if isinstance(exc, (ModelError, RequestError)):
+        return "bad_model", str(exc)
+    if isinstance(exc, DataError):
+        return "bad_data", str(exc)
+    if isinstance(exc, (ConfigError, ExportError)):
+        return "bad_config", str(exc)
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "timeout", "the job ran past its time limit"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "out_of_memory", f"out of memory: {exc}".strip()
+    return "internal", f"{type(exc).__name__}: {exc}"
+
+
+def _resolve_sources(cfg: Any, store: ArtifactStore, work: Path) -> Any:
+    """``upload:<sha256>`` data sources -> ``file:<path>`` of the stored text, for this run only."""
+    def one(source: str, name: str) -> str:
+        if not source.startswith("upload:"):
+            return source
+        key = text_key(source.removeprefix("upload:"))
+        path = store.local_path(key)
+        if path is None:  # a remote store: copy the text into the job's scratch space
+            path = work / f"{name}.txt"
+            with store.open(key) as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return f"file:{path}"
+
+    return replace(cfg, calib=replace(cfg.calib, source=one(cfg.calib.source, "calib")),
+                   eval=replace(cfg.eval, source=one(cfg.eval.source, "eval")))
+
+
+def _finish(sessions: Any, redis: Redis, job_id: str, settings: WorkerSettings, status: str, **values: Any) -> None:
+    with sessions() as db:
+        db.execute(update(Job).where(Job.id == job_id).values(status=status, finished_at=utcnow(), **values))
+        db.commit()
+    event = {"status": status}
+    if "error_code" in values:
+        event.update(code=values["error_code"], message=values.get("error_message"))
+    live.publish_event(redis, job_id, "status", event)
+    live.publish_event(redis, job_id, "end", {"status": status})
+    live.expire_job_keys(redis, job_id, settings.events_ttl_s)
+
+
+def run_job(job_id: str, *, settings: WorkerSettings, hostname: str = "local") -> str:
+    """Run one job to a terminal state; returns what happened (for logs and tests)."""
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    redis = Redis.from_url(settings.redis_url)
+    store = make_store(settings.artifact_root)
+    with sessions() as db:
+        job = db.get(Job, job_id)
+        if job is None:
+            log.error("job %s is not in the database; dropping the message", job_id)
+            return "missing"
+        if job.status in TERMINAL:
+            return f"skipped: already {job.status}"
+    owner = f"{hostname}:{os.getpid()}"
+    if not redis.set(live.lock_key(job_id), owner, nx=True, ex=settings.lock_ttl_s):
+        return "locked"
+    beat = _Heartbeat(redis, live.lock_key(job_id), settings.lock_ttl_s)
+    beat.start()
+    work = store.work_dir() / job_id
+    try:
+        return _run_locked(job_id, settings=settings, sessions=sessions, redis=redis, store=store, work=work,
+                           hostname=hostname)
+    finally:
+        beat.stop.set()
+        shutil.rmtree(work, ignore_errors=True)
+        if redis.get(live.lock_key(job_id)) == owner.encode():
+            redis.delete(live.lock_key(job_id))
+
+
+def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: Redis, store: ArtifactStore,
+                work: Path, hostname: str) -> str:
+    with sessions() as db:
+        res = db.execute(update(Job).where(Job.id == job_id, Job.status.in_((QUEUED, RUNNING))).values(
+            status=RUNNING, attempts=Job.attempts + 1, started_at=utcnow(), worker=hostname))
+        db.commit()
+        job = db.get(Job, job_id)
+        assert job is not None
+    if res.rowcount != 1:
+        return f"skipped: already {job.status}"
+    if job.attempts > settings.max_attempts:
+        _finish(sessions, redis, job_id, settings, FAILED, error_code="worker_lost",
+                error_message=f"worker lost {job.attempts - 1} times (likely host out of memory); not retried")
+        return "failed: worker_lost"
+    live.publish_event(redis, job_id, "status", {"status": RUNNING, "worker": hostname, "attempt": job.attempts})
+
+    def should_cancel() -> bool:
+        return bool(redis.exists(live.cancel_key(job_id)))
+
+    prefix = f"jobs/{job_id}"
+    store.delete_prefix(prefix)  # a half-recorded earlier attempt: the DB never said succeeded, so redo
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    pub: Publisher | None = None
+    try:
+        # quant_core (and torch) only now, inside the forked child.
+        from quant_core.config import Rotation, config_from_dict
+        from quant_core.export import export_checkpoint
+        from quant_core.pipeline import quantize_model
+        from quant_core.progress import Cancelled
+
+        cfg = config_from_dict(job.config)
+        learning = cfg.rotation.r1r2 is Rotation.LEARNED and cfg.train.steps > 0
+        pub = Publisher(redis=redis, sessions=sessions, job_id=job_id, weights=stage_weights(learning, cfg.rotating),
+                        db_interval_s=settings.db_write_interval_s)
+        model_path = (str(resolve_local(job.model.removeprefix("local:"), settings.models_dir))
+                      if job.model.startswith("local:") else job.model)
+        run_cfg = _resolve_sources(cfg, store, work)
+        result = quantize_model(model_path, run_cfg, revision=job.revision, progress=pub, should_cancel=should_cancel,
+                                cache_dir=str(settings.hub_cache_dir) if settings.hub_cache_dir else None)
+        result.cfg = cfg  # the carried config (upload:<sha> sources) is what ships beside the checkpoint
+        result.report["settings"] = job.config
+        result.report["eval"]["source"] = cfg.eval.source
+        result.report["model"]["id"] = job.model
+        t0 = time.perf_counter()
+        pub("export", 0.0, {})
+        export_checkpoint(result, work / "out", formats=job.formats)
+        result.report["timings_s"]["export"] = time.perf_counter() - t0
+        result.report["timings_s"]["total"] += result.report["timings_s"]["export"]
+        if should_cancel():
+            raise Cancelled("cancelled during export")
+        files = store.publish(prefix, work / "out")
+        pub("export", 1.0, {"files": len(files)})
+        pub.finish_stage()
+        with sessions() as db:
+            db.execute(update(Job).where(Job.id == job_id).values(
+                progress=1.0, eta_s=0.0, report=result.report, store_prefix=prefix, stage_times=pub.stage_times))
+            for f in files:
+                db.add(Artifact(job_id=job_id, name=f.name, bytes=f.bytes, sha256=f.sha256, store_key=f.key))
+            db.commit()
+        _finish(sessions, redis, job_id, settings, SUCCEEDED)
+        return "succeeded"
+    except BaseException as exc:
+        code, message = classify(exc)
+        store.delete_prefix(prefix)
+        times = {"stage_times": pub.stage_times} if pub is not None else {}
+        if pub is not None:
+            pub.finish_stage()
+        if code == "cancelled":
+            _finish(sessions, redis, job_id, settings, CANCELLED, error_code=code, error_message=message, **times)
+            return "cancelled"
+        if code == "internal":
+            log.exception("job %s failed", job_id)
+        _finish(sessions, redis, job_id, settings, FAILED, error_code=code, error_message=message, **times)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt/SystemExit: recorded, then let them through
+            raise
+        return f"failed: {code}"
+
+
+@app.task(name=QUANTIZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def quantize(self: Any, job_id: str) -> str:
+    """Run one quantization job by id (idempotent: a second delivery of a finished job does nothing)."""
+    settings = get_settings()
+    outcome = run_job(job_id, settings=settings, hostname=self.request.hostname or "worker")
+    if outcome == "locked":
+        # Another delivery holds the lock: it is running, or its worker died and the lock will expire.
+        # Look again after the lock's lifetime; a finished job then reads as skipped.
+        raise self.retry(countdown=settings.lock_ttl_s, max_retries=None)
+    log.info("job %s: %s", job_id, outcome)
+    return outcome
