@@ -131,7 +131,11 @@ def build_config(*, job_in: JobCreate, db: Session, owner: Token) -> SpinQuantCo
     try:
         return make_config(job_in.method, **flat, calib_source=calib, eval_source=evals, settings=dotted)
     except ConfigError as exc:
-        bad = next((k for k in job_in.settings if k in str(exc) or ALIASES.get(k, "") in str(exc)), None)
+        def named(key: str) -> bool:  # the message names the setting by its flat or dotted name
+            targets = ALIASES.get(key, ())
+            return key in str(exc) or any(t in str(exc) for t in (targets if isinstance(targets, tuple) else (targets,)))
+
+        bad = next((k for k in job_in.settings if named(k)), None)
         loc: list[str | int] = ["body", "method"] if "method" in str(exc) and bad is None else ["body", "settings"]
         if bad is not None:
             loc.append(bad)

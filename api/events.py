@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any, AsyncIterator, Callable
 
+from redis.exceptions import RedisError
+
 from . import live
 
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -35,7 +37,10 @@ async def job_events(*, aredis: Any, job_id: str, last_id: str | None, block_ms:
             yield format_sse(last, "end", json.dumps({"status": status}))
             return
     while True:
-        resp = await aredis.xread({key: last}, count=200, block=block_ms)
+        try:
+            resp = await aredis.xread({key: last}, count=200, block=block_ms)
+        except RedisError:  # end this response; the client reconnects with Last-Event-ID (the retry hint)
+            return
         if not resp:
             if await final_status() is not None and not await aredis.exists(key):
                 return

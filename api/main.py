@@ -74,7 +74,9 @@ class BodyLimit:
 def build_services(settings: Settings) -> Services:
     engine = make_engine(settings.database_url)
     return Services(settings=settings, sessions=make_sessionmaker(engine), redis=redis.Redis.from_url(settings.redis_url),
-                    aredis=aioredis.Redis.from_url(settings.redis_url), sender=make_sender(settings.redis_url),
+                    # XREAD BLOCK waits sse_block_ms: the socket must outwait it (redis-py's default does not).
+                    aredis=aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.sse_block_ms / 1000 + 10),
+                    sender=make_sender(settings.redis_url),
                     store=make_store(settings.artifact_root))
 
 

@@ -33,3 +33,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
         return cache[case]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    """The real service: a redis-server, the API over HTTP and one Celery worker process (one per session)."""
+    from scripts.stack import Stack
+
+    st = Stack(tmp_path_factory.mktemp("stack"), extra_env={"SPINQUANT_LOCK_TTL_S": "10"}).start()
+    try:
+        yield st
+    finally:
+        st.stop()

@@ -1,0 +1,39 @@
+"""Import boundaries: the API never loads torch; importing the worker app or quant_core never touches CUDA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("module", ["api.main", "api.crud", "api.__main__", "scripts.stack"])
+def test_api_does_not_import_torch(module: str) -> None:
+    assert _run(f"import sys, {module}; print('torch' in sys.modules)") == "False"
+
+
+def test_api_app_builds_without_torch() -> None:
+    code = ("import sys; from api.main import create_app; from api.settings import Settings; "
+            "app = create_app(Settings(database_url='sqlite:///:memory:')); "
+            "print(len(app.routes) > 5, 'torch' in sys.modules)")
+    assert _run(code) == "True False"
+
+
+def test_worker_app_import_leaves_torch_and_cuda_alone() -> None:
+    # Celery forks a child per job; torch (and so CUDA) must first be imported inside the task.
+    assert _run("import sys, worker.celery_app, worker.tasks; print('torch' in sys.modules)") == "False"
+
+
+def test_quant_core_import_does_not_initialise_cuda() -> None:
+    code = ("import torch, quant_core, quant_core.pipeline, quant_core.export, quant_core.runtime; "
+            "print(torch.cuda.is_initialized())")
+    assert _run(code) == "False"

@@ -1,0 +1,1 @@
+"""Tests of worker/ (Celery task, progress publisher)."""

@@ -1,0 +1,153 @@
+"""The quantize task: idempotent redelivery, the job lock, the attempt cap, failure classes, QUEUE.md settings.
+
+``run_job`` runs in this process against a real redis-server and a real SQLite job store; the last
+test kills a real Celery child mid-job and checks that the job is redelivered and finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from api import live
+from api.db import FAILED, QUEUED, RUNNING, SUCCEEDED, Artifact, Job, Token, make_engine, make_sessionmaker, migrate
+from api.queue import VISIBILITY_TIMEOUT_S, MAX_HARD_LIMIT_S, celery_config, time_limits
+from quant_core.config import config_to_dict, make_config
+from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
+from worker.settings import WorkerSettings
+from worker.tasks import run_job
+
+SMALL = dict(w_bits=4, a_bits=4, kv_bits=4, seq_len=128, steps=2, train_samples=8, calib_samples=4, batch_size=2,
+             eval_windows=4, calib_source=f"file:{TRAIN_TEXT}", eval_source=f"file:{TEST_TEXT}")
+
+
+@pytest.fixture
+def env(stack, tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    settings = WorkerSettings(database_url=url, redis_url=stack.redis_url, artifact_root=tmp_path / "store",
+                              models_dir=MODELS, lock_ttl_s=30)
+    sessions = make_sessionmaker(make_engine(url))
+    with sessions() as db:
+        tok = Token(name="t", token_hash=os.urandom(32).hex())
+        db.add(tok)
+        db.commit()
+    redis = Redis.from_url(stack.redis_url)
+
+    def add_job(status: str = QUEUED, attempts: int = 0, model: str = "local:llama-tiny", **cfg: object) -> str:
+        c = make_config("spinquant", **{**SMALL, **cfg})
+        with sessions() as db:
+            job = Job(owner_id=tok.id, model=model, method="spinquant", scheme=c.scheme, request={},
+                      config=config_to_dict(c), formats=["ct"], fingerprint=os.urandom(32).hex(), soft_limit_s=60,
+                      hard_limit_s=90, stage_times={}, status=status, attempts=attempts)
+            db.add(job)
+            db.commit()
+            return job.id
+
+    return settings, sessions, redis, add_job
+
+
+def _row(sessions, job_id: str) -> Job:
+    with sessions() as db:
+        return db.get(Job, job_id)
+
+
+def test_queue_settings_are_set_everywhere() -> None:
+    from worker.celery_app import app
+
+    conf = celery_config("redis://x")
+    for c in (conf, app.conf):
+        assert c["broker_transport_options"]["visibility_timeout"] == VISIBILITY_TIMEOUT_S
+        assert c["result_backend_transport_options"]["visibility_timeout"] == VISIBILITY_TIMEOUT_S
+        assert c["visibility_timeout"] == VISIBILITY_TIMEOUT_S
+        assert c["task_acks_late"] and c["task_reject_on_worker_lost"]
+        assert c["worker_prefetch_multiplier"] == 1 and c["worker_max_tasks_per_child"] == 1
+        assert c["worker_cancel_long_running_tasks_on_connection_loss"]
+    assert VISIBILITY_TIMEOUT_S > MAX_HARD_LIMIT_S
+    for size in (None, 0, 10**8, 16 * 10**9, 10**12):
+        soft, hard = time_limits(size)
+        assert 0 < soft < hard <= MAX_HARD_LIMIT_S < VISIBILITY_TIMEOUT_S
+    assert time_limits(16 * 10**9)[0] > time_limits(10**9)[0]
+
+
+def test_job_runs_once_and_a_duplicate_delivery_does_nothing(env) -> None:
+    settings, sessions, redis, add_job = env
+    job_id = add_job()
+    assert run_job(job_id, settings=settings) == "succeeded"
+    row = _row(sessions, job_id)
+    assert row.status == SUCCEEDED and row.attempts == 1 and row.progress == 1.0
+    assert row.report["quant_ppl"] > row.report["fp_ppl"] > 1
+    with sessions() as db:
+        files = {a.name: a for a in db.query(Artifact).filter_by(job_id=job_id)}
+    assert "model/model.safetensors" in files
+    stored = settings.artifact_root / files["model/model.safetensors"].store_key
+    assert stored.is_file() and stored.stat().st_size == files["model/model.safetensors"].bytes
+    assert not (settings.artifact_root / ".work" / job_id).exists()
+    n_events = redis.xlen(live.events_key(job_id))
+    assert redis.ttl(live.events_key(job_id)) > 0  # progress keys expire after the job ends
+    mtime = stored.stat().st_mtime_ns
+    assert run_job(job_id, settings=settings) == "skipped: already succeeded"
+    assert redis.xlen(live.events_key(job_id)) == n_events and stored.stat().st_mtime_ns == mtime
+    assert _row(sessions, job_id).attempts == 1
+
+
+def test_lock_held_by_another_delivery(env) -> None:
+    settings, sessions, redis, add_job = env
+    job_id = add_job()
+    redis.set(live.lock_key(job_id), "other-worker:1", ex=30)
+    assert run_job(job_id, settings=settings) == "locked"
+    row = _row(sessions, job_id)
+    assert row.status == QUEUED and row.attempts == 0
+    assert redis.get(live.lock_key(job_id)) == b"other-worker:1"  # not ours to release
+
+
+def test_attempt_cap_fails_as_worker_lost(env) -> None:
+    settings, sessions, redis, add_job = env
+    job_id = add_job(status=RUNNING, attempts=2)
+    assert run_job(job_id, settings=settings) == "failed: worker_lost"
+    row = _row(sessions, job_id)
+    assert row.status == FAILED and row.error_code == "worker_lost" and "out of memory" in row.error_message
+    last = redis.xrevrange(live.events_key(job_id), count=1)[0][1]
+    assert last[b"type"] == b"end" and json.loads(last[b"data"]) == {"status": "failed"}
+
+
+@pytest.mark.parametrize("change, code, words", [
+    ({"model": "local:missing-model"}, "bad_model", "unknown local model"),
+    ({"eval_source": "file:/nonexistent/test.txt"}, "bad_data", "does not exist"),
+    ({"w_group_size": 96}, "bad_config", "group"),
+])
+def test_failures_are_classified(env, change: dict, code: str, words: str) -> None:
+    settings, sessions, redis, add_job = env
+    job_id = add_job(**change)
+    assert run_job(job_id, settings=settings) == f"failed: {code}"
+    row = _row(sessions, job_id)
+    assert row.status == FAILED and row.error_code == code and words in row.error_message, row.error_message
+    assert not (settings.artifact_root / "jobs" / job_id).exists()
+
+
+def test_killed_worker_child_is_redelivered_and_finishes(stack) -> None:
+    from tests.api.conftest import Api
+
+    api = Api(stack, stack.token("kill"))
+    job_id = api.submit(api.job_body(steps=40, seed=71)).json()["id"]
+    deadline = time.monotonic() + 120
+    while (j := api.job(job_id))["stage"] != "learn" or not j["step"]:
+        assert time.monotonic() < deadline, j
+        time.sleep(0.1)
+    main_pid = stack.procs["worker-gpu0"].pid
+    children = subprocess.run(["pgrep", "-P", str(main_pid)], capture_output=True, text=True).stdout.split()
+    assert children, "no pool child found"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)  # what the host OOM killer does
+    job = api.wait(job_id, timeout=240)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+    statuses = [d for _, e, d in api.events(job_id) if e == "status"]
+    assert [s.get("attempt") for s in statuses if s["status"] == "running"] == [1, 2]
