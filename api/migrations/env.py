@@ -2,21 +2,29 @@
 
 from alembic import context
 
-from api.db import Base, make_engine
+from api.db import Base, UTCDateTime, make_engine
 
 config = context.config
 url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
 
 
+def render_item(kind: str, obj: object, autogen_context: object) -> str | bool:
+    """Autogenerate writes UTCDateTime (Python-side UTC handling) as the plain column type it stores."""
+    if kind == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def run() -> None:
     if context.is_offline_mode():
-        context.configure(url=url, target_metadata=Base.metadata, literal_binds=True)
+        context.configure(url=url, target_metadata=Base.metadata, literal_binds=True, render_item=render_item)
         with context.begin_transaction():
             context.run_migrations()
         return
     engine = make_engine(url)
     with engine.connect() as conn:
-        context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=url.startswith("sqlite"))
+        context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=url.startswith("sqlite"),
+                          render_item=render_item)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()
