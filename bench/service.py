@@ -1,0 +1,139 @@
+"""Service benchmark: job overhead (submit -> worker start, finish -> downloadable) and status-read throughput.
+
+Starts the real stack (redis-server, the API over HTTP, one Celery worker) in a temp folder, runs a
+few small RTN jobs on the fixture one after another, and hammers GET /v1/jobs/{id} from several
+client threads. Prints a table and writes JSON. Absolute times here are noisy (2 shared cores);
+compare the rows with each other.
+
+    .venv/bin/python bench/service.py --json runs/bench/service.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.stack import Stack  # noqa: E402
+
+FIXTURE_TEXT = ROOT / "tests" / "fixtures" / "text"
+
+
+def _ts(value: str) -> float:
+    return dt.datetime.fromisoformat(value).timestamp()
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def run_jobs(c: httpx.Client, n: int) -> list[dict[str, Any]]:
+    calib = c.post("/v1/texts", params={"name": "train"}, content=(FIXTURE_TEXT / "train.txt").read_bytes()[:200_000]).json()["id"]
+    evals = c.post("/v1/texts", params={"name": "test"}, content=(FIXTURE_TEXT / "test.txt").read_bytes()).json()["id"]
+    rows = []
+    for i in range(n):
+        body = {"model": "local:llama-tiny", "method": "rtn", "settings": {"w_bits": 4, "seq_len": 128,
+                "eval_windows": 4, "seed": i}, "calib": {"text_id": calib}, "eval": {"text_id": evals}, "force": True}
+        t0 = time.time()
+        r = c.post("/v1/jobs", json=body)
+        submit_s = time.time() - t0
+        job_id = r.json()["id"]
+        with c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=300) as s:
+            for line in s.iter_lines():
+                if line.startswith("event: end"):
+                    break
+        t_end = time.time()
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        art = next(a for a in job["artifacts"] if a["name"] == "SHA256SUMS")
+        assert c.get(art["url"]).status_code == 200
+        t_dl = time.time()
+        export_end = job["timings"]["export"]["end"]
+        load_start = job["timings"]["load"]["start"]
+        rows.append({
+            "job": job_id, "status": job["status"], "submit_http_s": submit_s,
+            "queued_to_started_s": _ts(job["started_at"]) - _ts(job["created_at"]),
+            "started_to_first_progress_s": load_start - _ts(job["started_at"]),
+            "compute_s": export_end - load_start,
+            "export_done_to_recorded_s": _ts(job["finished_at"]) - export_end,
+            "recorded_to_downloaded_s": t_dl - max(t_end, _ts(job["finished_at"])),
+            "submit_to_downloaded_s": t_dl - t0,
+        })
+    return rows
+
+
+def read_throughput(url: str, token: str, path: str, threads: int, seconds: float) -> dict[str, Any]:
+    lat: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def worker() -> None:
+        nonlocal errors
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                ok = c.get(path).status_code == 200
+                d = time.perf_counter() - t
+                with lock:
+                    lat.append(d)
+                    errors += not ok
+
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    t0 = time.monotonic()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall = time.monotonic() - t0
+    return {"path": path, "threads": threads, "requests": len(lat), "errors": errors, "req_per_s": len(lat) / wall,
+            "p50_ms": 1000 * _pct(lat, 0.5), "p99_ms": 1000 * _pct(lat, 0.99)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--jobs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp, Stack(Path(tmp)) as stack:
+        token = stack.token("bench")
+        with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+            jobs = run_jobs(c, a.jobs)
+            reads = [read_throughput(stack.url, token, f"/v1/jobs/{jobs[-1]['job']}", a.threads, a.seconds),
+                     read_throughput(stack.url, token, "/v1/jobs?limit=50", a.threads, a.seconds)]
+    keys = ["submit_http_s", "queued_to_started_s", "started_to_first_progress_s", "compute_s",
+            "export_done_to_recorded_s", "recorded_to_downloaded_s", "submit_to_downloaded_s"]
+    print(f"\nJob overhead over {len(jobs)} RTN W4 jobs on llama-tiny (median / max, seconds)")
+    print(f"{'phase':<32}{'median':>10}{'max':>10}")
+    summary = {}
+    for k in keys:
+        vals = [j[k] for j in jobs]
+        summary[k] = {"median": statistics.median(vals), "max": max(vals)}
+        print(f"{k:<32}{summary[k]['median']:>10.3f}{summary[k]['max']:>10.3f}")
+    print(f"\nStatus reads ({a.threads} client threads, {a.seconds:.0f} s each)")
+    print(f"{'endpoint':<40}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for r in reads:
+        print(f"{r['path'][:39]:<40}{r['req_per_s']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['errors']:>8}")
+    out = {"jobs": jobs, "overhead": summary, "reads": reads, "statuses": [j["status"] for j in jobs]}
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=2))
+    return 0 if all(j["status"] == "succeeded" for j in jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
