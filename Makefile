@@ -1,13 +1,17 @@
-# The two commands: `make demo` and `make test`. Everything they need is installed here.
+# The commands: `make demo`, `make serve` and `make test`. Everything they need is installed here.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench-accuracy fixtures clean
+.PHONY: setup redis test test-fast demo serve bench-accuracy fixtures clean
 
-setup: $(STAMP)
+setup: $(STAMP) redis
+
+# redis-server on PATH (installs the Debian package when missing; never starts the system service).
+redis:
+	@scripts/ensure_redis.sh
 
 # torch==2.13.0 first: on the dev/CI machines it is a CPU wheel already on disk; any other
 # version would pull several GB of CUDA packages. The worker image installs the CUDA build.
@@ -24,13 +28,14 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# The whole service end to end: Redis + API + worker under runs/demo-stack, one SpinQuant job on the
+# fixture model through the HTTP API, artifacts downloaded to runs/demo/checkpoint and verified.
 demo: setup
-	@echo "make demo: the service (API + worker + Redis) is not built yet; running the core CLI on the fixture instead."
-	$(PY) -m quant_core quantize tests/fixtures/models/llama-outlier --method spinquant \
-		--w-bits 4 --a-bits 4 --kv-bits 4 --seq-len 256 \
-		--calib-text tests/fixtures/text/train.txt --eval-text tests/fixtures/text/test.txt \
-		--calib-samples 32 --train-samples 200 --steps 50 --report-json runs/demo/report.json
-	@cat runs/demo/report.json | $(PY) -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in ('method','scheme','fp_ppl','quant_ppl','timings_s')}, indent=2))"
+	$(PY) -m scripts.demo
+
+# Redis + API + one worker until Ctrl-C; prints the URL and a bearer token (state in runs/service).
+serve: setup
+	$(PY) -m scripts.stack
 
 bench-accuracy: setup
 	$(PY) bench/accuracy.py --json runs/bench/accuracy.json
