@@ -26,7 +26,20 @@ def _s(v: Any) -> str:
 
 async def job_events(*, aredis: Any, job_id: str, last_id: str | None, block_ms: int,
                      final_status: Callable[[], Any]) -> AsyncIterator[bytes]:
-    """Yield SSE frames. ``final_status`` (awaitable) returns the DB status when terminal, else None."""
+    """Yield SSE frames. ``final_status`` (awaitable) returns the DB status when terminal, else None.
+
+    A Redis error ends the response cleanly; the client reconnects with Last-Event-ID (the retry hint)
+    and loses nothing, because the stream is replayable.
+    """
+    try:
+        async for frame in _frames(aredis, job_id, last_id, block_ms, final_status):
+            yield frame
+    except RedisError:
+        return
+
+
+async def _frames(aredis: Any, job_id: str, last_id: str | None, block_ms: int,
+                  final_status: Callable[[], Any]) -> AsyncIterator[bytes]:
     key = live.events_key(job_id)
     last = last_id or "0-0"
     yield b"retry: 2000\n\n"
@@ -37,10 +50,7 @@ async def job_events(*, aredis: Any, job_id: str, last_id: str | None, block_ms:
             yield format_sse(last, "end", json.dumps({"status": status}))
             return
     while True:
-        try:
-            resp = await aredis.xread({key: last}, count=200, block=block_ms)
-        except RedisError:  # end this response; the client reconnects with Last-Event-ID (the retry hint)
-            return
+        resp = await aredis.xread({key: last}, count=200, block=block_ms)
         if not resp:
             if await final_status() is not None and not await aredis.exists(key):
                 return

@@ -69,6 +69,9 @@ class Stack:
             "SPINQUANT_HUB_CHECK": "false",
             "PYTHONPATH": str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", ""),
             "HF_HUB_OFFLINE": self.env.get("HF_HUB_OFFLINE", "1"),
+            # OpenMP threads sleep instead of spinning when they wait: on a small shared CPU a spinning
+            # worker slows every other process (and itself) several-fold.
+            "OMP_WAIT_POLICY": self.env.get("OMP_WAIT_POLICY", "PASSIVE"),
         })
         self.env.update(extra_env or {})
 
