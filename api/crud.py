@@ -203,6 +203,10 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
         prior = _find_by_key(db, owner, idempotency_key or "")
         if prior is None:
             raise
+        if prior.request != job_in.model_dump(mode="json"):
+            raise RequestError(422, ["header", "Idempotency-Key"], "this Idempotency-Key was used for a "
+                               f"different request (job {prior.id}); use a new key for new settings",
+                               "conflict") from None
         return Created(prior, replay=True)
     if done is not None:
         live.publish_event(redis, job.id, "status", {"status": SUCCEEDED, "cache_hit": True, "reused_from": done.id})
@@ -270,6 +274,12 @@ def create_text(*, db: Session, owner: Token, name: str, data: bytes, store: Art
     key = text_key(digest)
     if not store.exists(key):
         store.put_bytes(key, data)
+    # The same content from the same owner keeps its id, so a re-run request (same Idempotency-Key,
+    # text uploaded again) is recognised as the same request.
+    prior = db.scalar(select(UploadedText).where(UploadedText.owner_id == owner.id, UploadedText.sha256 == digest)
+                      .order_by(UploadedText.created_at).limit(1))
+    if prior is not None:
+        return prior
     row = UploadedText(owner_id=owner.id, name=name[:200] or "text", sha256=digest, bytes=len(data))
     db.add(row)
     db.commit()

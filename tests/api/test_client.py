@@ -220,8 +220,6 @@ def test_same_idempotency_key_returns_the_first_job(cli: Cli) -> None:
     assert cli.wait_done(job_id)["status"] in ("cancelled", "failed")  # offline: wikitext2 cannot load
 
 
-@pytest.mark.xfail(strict=True, reason="API bug: re-uploading the same text gives a new text_id, and "
-                   "POST /v1/jobs compares the raw request (text ids included) for Idempotency-Key replays")
 def test_same_idempotency_key_with_uploaded_texts(cli: Cli) -> None:
     args = ["submit", "local:llama-tiny", "--method", "rtn", "--seed", "601", *TEXTS, "--json",
             "--idempotency-key", "ci-sha-456-rtn"]
@@ -230,6 +228,7 @@ def test_same_idempotency_key_with_uploaded_texts(cli: Cli) -> None:
     try:
         again = cli(*args)
         assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["id"] == job_id  # the texts were uploaded again: same ids, same job
     finally:
         cli.client.cancel(job_id)
 
