@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import dashboard
 from .crud import RequestError
 from .db import make_engine, make_sessionmaker, migrate
 from .deps import Services
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(texts.router)
     app.include_router(system.router)
+    dashboard.mount(app)  # the web dashboard: / and /static
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 
