@@ -43,9 +43,11 @@ def test_report_contract_and_progress() -> None:
     order = ["load", "evaluate_fp", "prepare", "learn", "quantize", "evaluate"]
     assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == order  # each stage once, in order
     learn_steps = [i["step"] for s, _, i in calls if s == "learn"]
-    assert learn_steps == [1, 2, 3]
+    assert learn_steps == [0, 1, 2, 3]  # step 0 (fraction 0) marks the stage's start
     layers = [i["layer"] for s, _, i in calls if s == "quantize"]
-    assert layers == [1, 2, 3, 4]
+    assert layers == [0, 1, 2, 3, 4]
+    starts = {s: f for s, f, _ in calls[::-1]}  # first call of each stage
+    assert all(starts[s] == 0.0 for s in ("load", "evaluate_fp", "learn", "quantize", "evaluate"))
     fractions = [f for s, f, _ in calls if s == "learn"]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
@@ -75,7 +77,7 @@ def test_cancel_stops_within_one_learning_step() -> None:
     seen: list[int] = []
 
     def progress(stage, fraction, info):
-        if stage == "learn":
+        if stage == "learn" and info["step"] > 0:  # step 0 is the stage-start mark
             seen.append(info["step"])
 
     with pytest.raises(Cancelled, match="learning step 3/50"):
@@ -87,7 +89,7 @@ def test_cancel_stops_within_one_layer() -> None:
     layers: list[int] = []
 
     def progress(stage, fraction, info):
-        if stage == "quantize":
+        if stage == "quantize" and info["layer"] > 0:  # layer 0 is the stage-start mark
             layers.append(info["layer"])
 
     with pytest.raises(Cancelled, match="quantizing layer 2/4"):
