@@ -78,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report-json", type=Path, help='write {"ppl": x, ...} here')
     e.add_argument("--no-int4-kernels", action="store_true",
                    help="dequantize-and-matmul even where PyTorch's int4 kernel applies (bit-exact with the report)")
+    pl = sub.add_parser("plan", help="per-stage device memory of a job, from the model's config.json alone")
+    pl.add_argument("model", help="Hugging Face id, a local HF folder, or a config.json file")
+    pl.add_argument("--revision", help="branch, tag or commit of a hub model")
+    pl.add_argument("--method", default="spinquant", choices=[m.value for m in Method])
+    pl.add_argument("--w-bits", type=int, choices=W_BITS)
+    pl.add_argument("--a-bits", type=int, choices=A_BITS)
+    pl.add_argument("--kv-bits", type=int, choices=KV_BITS)
+    pl.add_argument("--seq-len", type=int, help="default 2048")
+    pl.add_argument("--calib-samples", type=int, help="default 128")
+    pl.add_argument("--micro-batch", type=int, help="learning sequences per forward (default 1)")
+    pl.add_argument("--steps", type=int)
+    pl.add_argument("--gpu-gib", type=float, default=80.0, help="device memory per GPU (default 80)")
+    pl.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     g = sub.add_parser("generate", help="greedy text generation with an exported checkpoint")
     g.add_argument("checkpoint", type=Path)
     g.add_argument("--prompt", required=True)
@@ -202,6 +216,48 @@ def _quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_config(model: str, revision: str | None) -> dict[str, Any]:
+    from .models import ModelError
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        if path.suffix == ".json" or "/" not in model or model.startswith((".", "/")):
+            raise ModelError(f"{model} is not a config.json, a model folder or a Hugging Face id")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "config.json", revision=revision))
+        except Exception as exc:
+            raise ModelError(f"could not fetch config.json of {model!r}: {type(exc).__name__}: {exc}") from None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+
+
+def _plan(a: argparse.Namespace) -> int:
+    from .models import ModelError, arch_from_config
+    from .plan import plan, render
+
+    mcfg = _model_config(a.model, a.revision)
+    arch_from_config(mcfg)  # the same family checks as a real job
+    cfg = make_config(a.method, w_bits=a.w_bits, a_bits=a.a_bits, kv_bits=a.kv_bits, seq_len=a.seq_len,
+                      calib_samples=a.calib_samples, micro_batch=a.micro_batch, steps=a.steps)
+    try:
+        shape, stages = plan(mcfg, cfg, gpu_gib=a.gpu_gib, dtype=a.dtype)
+    except KeyError as exc:
+        raise ModelError(f"config.json lacks {exc}") from None
+    if a.json:
+        print(json.dumps({"params": shape.params, "gpu_gib": a.gpu_gib, "dtype": a.dtype,
+                          "stages": [{"stage": s.stage, "bytes": s.device_bytes, "fits": s.fits,
+                                      "placement": s.placement, "terms": s.terms} for s in stages]}, indent=2))
+    else:
+        print(render(a.model, shape, stages, a.gpu_gib, a.dtype))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -211,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "plan":
+            return _plan(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_CANCELLED

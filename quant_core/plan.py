@@ -1,0 +1,175 @@
+"""Memory plan: what each stage of a job needs on the device, from the model's config.json alone.
+
+``python -m quant_core plan MODEL`` prints the table. The formulas follow what the pipeline really
+allocates (see each term's comment), so the table says before any GPU time is spent whether a job
+fits one GPU and, when it does not, how much it must be split:
+
+- load / evaluate: the weights, plus one evaluation batch of ``16384 // seq_len`` windows whose
+  logits are materialised in the model dtype and again in float32 for the cross-entropy;
+- learn: the frozen weights, the rotations in float64 with their gradients, the checkpointed layer
+  inputs of one micro-batch, one layer recomputed in float64 with its gradient, and the logits;
+- quantize (GPTQ): the weights, the calibration hidden states before and after the current layer,
+  and the Hessians of one sequential group (float32), plus a Cholesky workspace of the largest;
+- export: host memory for the model and its packed copy.
+
+Torch-free: it runs on the API host too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .config import SpinQuantConfig
+
+GiB = 1 << 30
+EVAL_BATCH_TOKENS = 16384  # evaluate.perplexity's default batch_tokens
+GPTQ_MICRO_BATCH = 8  # convert.quantize_weights' default micro_batch
+HEADROOM = 0.9  # usable share of device memory (CUDA context, allocator fragmentation)
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of config.json the plan needs."""
+
+    vocab: int
+    hidden: int  # d
+    ff: int  # d_ff
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Shape:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return cls(vocab=int(cfg["vocab_size"]), hidden=hidden, ff=int(cfg["intermediate_size"]),
+                   layers=int(cfg["num_hidden_layers"]), heads=heads,
+                   kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                   head_dim=int(cfg.get("head_dim") or hidden // heads), tied=bool(cfg.get("tie_word_embeddings")))
+
+    @property
+    def layer_params(self) -> int:
+        d, ff, qd, kvd = self.hidden, self.ff, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        # q, k, v, o + gate, up, down + two RMSNorm weights
+        return d * qd + 2 * d * kvd + qd * d + 3 * d * ff + 2 * d
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * (self.layer_params - 2 * self.hidden)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: str
+    device_bytes: int  # peak on the device running the stage
+    terms: dict[str, int]  # what makes up the peak
+    fits: bool
+    placement: str
+
+
+def _eval_terms(s: Shape, seq_len: int, wb: int) -> dict[str, int]:
+    windows = max(1, EVAL_BATCH_TOKENS // seq_len)
+    tokens = windows * seq_len
+    return {
+        "logits (model dtype + float32 copy)": tokens * s.vocab * (wb + 4),
+        "one layer's MLP activations": tokens * 3 * s.ff * wb,
+    }
+
+
+def stage_memory(s: Shape, cfg: SpinQuantConfig, dtype: str = "bfloat16") -> dict[str, dict[str, int]]:
+    """Peak device bytes per stage, as named terms (pure arithmetic; see the module docstring)."""
+    wb = _DTYPE_BYTES[dtype]
+    weights = s.params * wb
+    L = cfg.calib.seq_len
+    m = cfg.train.micro_batch
+    qd = s.heads * s.head_dim
+    stages: dict[str, dict[str, int]] = {
+        "load": {"weights": weights},
+        "evaluate_fp": {"weights": weights, **_eval_terms(s, cfg.eval.seq_len, wb)},
+    }
+    if cfg.rotation.r1r2.value == "learned" and cfg.train.steps > 0:
+        rot = s.hidden**2 + s.layers * s.head_dim**2
+        stages["learn"] = {
+            "weights (frozen)": weights,
+            "R1 + R2 in float64, value + gradient + Cayley workspace": rot * 8 * 3,
+            "checkpointed layer inputs": s.layers * m * L * s.hidden * wb,
+            "one layer recomputed in float64 + its gradient": (s.layer_params - 2 * s.hidden) * 8 * 2,
+            "one layer's activations for backward (float32)": m * L * (4 * s.hidden + 3 * s.ff + 2 * qd) * 4,
+            "logits + softmax gradient (float32)": m * L * s.vocab * 4 * 3,
+        }
+    if cfg.weights.bits < 16:
+        if cfg.weights.algo.value == "gptq":
+            n = cfg.calib.samples
+            hess = max(3 * s.hidden**2, qd**2, 2 * s.hidden**2, s.ff**2) * 4
+            stages["quantize"] = {
+                "weights": weights,
+                "calibration hidden states in + out": 2 * n * L * s.hidden * wb,
+                "Hessians of one group (float32)": hess,
+                "Cholesky workspace of the largest Hessian": max(s.hidden, qd, s.ff) ** 2 * 4,
+                "one micro-batch's MLP activations": GPTQ_MICRO_BATCH * L * 3 * s.ff * wb,
+            }
+        else:
+            stages["quantize"] = {"weights": weights, "one weight matrix in float32": s.ff * s.hidden * 4}
+    stages["evaluate"] = {"weights": weights, **_eval_terms(s, cfg.eval.seq_len, wb)}
+    packed = s.linear_params * cfg.weights.bits // 8 if cfg.weights.bits < 16 else s.linear_params * wb
+    stages["export (host memory)"] = {"model": weights, "packed copy": packed}
+    return stages
+
+
+def _placement(stage: str, need: int, usable: int, s: Shape, terms: dict[str, int], wb: int) -> tuple[bool, str]:
+    if stage.startswith("export"):
+        return True, "host RAM"
+    if need <= usable:
+        return True, "one GPU"
+    if stage == "learn":
+        # FSDP shards the frozen weights (and the float64 layer copies) across k GPUs; activations stay per GPU.
+        sharded = terms["weights (frozen)"] + terms["one layer recomputed in float64 + its gradient"]
+        rest = need - sharded
+        if rest >= usable:
+            return False, "does not fit even sharded: lower seq_len or micro_batch"
+        k = math.ceil(sharded / (usable - rest))
+        return False, f"FSDP over {k} GPUs"
+    # Layer-wise offload: weights stay in host RAM and stream to the GPU one layer at a time.
+    per_layer = need - terms.get("weights", 0) + s.layer_params * wb + s.vocab * s.hidden * wb
+    if per_layer <= usable:
+        return False, f"offload: {per_layer / GiB:.1f} GiB on GPU, weights in host RAM"
+    return False, "does not fit even with offload: lower seq_len or calibration samples"
+
+
+def plan(model_config: dict[str, Any], cfg: SpinQuantConfig, *, gpu_gib: float = 80.0,
+         dtype: str = "bfloat16") -> tuple[Shape, list[StageMemory]]:
+    """Per-stage memory for ``model_config`` under ``cfg`` on a GPU of ``gpu_gib``.
+
+    Example:
+        >>> shape, stages = plan(json.load(open("config.json")), make_config("spinquant"))
+    """
+    s = Shape.from_config(model_config)
+    usable = int(gpu_gib * GiB * HEADROOM)
+    out = []
+    for stage, terms in stage_memory(s, cfg, dtype).items():
+        need = sum(terms.values())
+        fits, where = _placement(stage, need, usable, s, terms, _DTYPE_BYTES[dtype])
+        out.append(StageMemory(stage=stage, device_bytes=need, terms=terms, fits=fits, placement=where))
+    return s, out
+
+
+def render(name: str, s: Shape, stages: list[StageMemory], gpu_gib: float, dtype: str) -> str:
+    lines = [f"{name}: {s.layers} layers, d {s.hidden}, d_ff {s.ff}, heads {s.heads}/{s.kv_heads} (q/kv), "
+             f"vocab {s.vocab}; {s.params / 1e9:.2f} B parameters, {s.params * _DTYPE_BYTES[dtype] / GiB:.1f} GiB "
+             f"in {dtype}",
+             f"device: {gpu_gib:g} GiB GPU ({HEADROOM:.0%} usable = {gpu_gib * HEADROOM:.1f} GiB)", "",
+             f"{'stage':<22}{'peak GiB':>10}  placement", "-" * 60]
+    for st in stages:
+        lines.append(f"{st.stage:<22}{st.device_bytes / GiB:>10.1f}  {st.placement}")
+        for term, b in st.terms.items():
+            lines.append(f"{'':<4}{term:<52}{b / GiB:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""python -m quant_core plan: per-stage memory from config.json, checked against a hand calculation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from quant_core.config import make_config
+from quant_core.plan import GiB, Shape, plan, stage_memory
+from tests.conftest import FIXTURES, MODELS, ROOT
+
+CONFIGS = FIXTURES / "configs"
+
+
+def _cfg(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def test_parameter_counts_match_the_published_models() -> None:
+    assert Shape.from_config(_cfg("llama-3-8b")).params == 8_030_261_248
+    assert Shape.from_config(_cfg("llama-3-70b")).params == 70_553_706_496
+
+
+def test_llama3_8b_stages_by_hand() -> None:
+    # Hand calculation, bf16 (2 bytes), seq_len 2048, 128 calibration windows, micro-batch 1.
+    V, d, ff, n, H, K, hd, L = 128256, 4096, 14336, 32, 32, 8, 128, 2048
+    layer = d * H * hd + 2 * d * K * hd + H * hd * d + 3 * d * ff + 2 * d  # 218,112,000
+    assert layer == 218_112_000
+    P = n * layer + 2 * V * d + d
+    W = 2 * P
+    eval_ = W + (8 * L) * V * (2 + 4) + (8 * L) * 3 * ff * 2  # 8 windows of 2048 = 16384 tokens per batch
+    learn = (W + (d * d + n * hd * hd) * 8 * 3 + n * L * d * 2 + (layer - 2 * d) * 8 * 2
+             + L * (4 * d + 3 * ff + 2 * H * hd) * 4 + L * V * 4 * 3)
+    gptq = W + 2 * 128 * L * d * 2 + ff * ff * 4 + ff * ff * 4 + 8 * L * 3 * ff * 2
+    st = {k: sum(v.values()) for k, v in stage_memory(Shape.from_config(_cfg("llama-3-8b")),
+                                                      make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4)).items()}
+    assert st["load"] == W
+    assert st["evaluate_fp"] == st["evaluate"] == eval_
+    assert st["learn"] == learn
+    assert st["quantize"] == gptq
+    assert round(W / GiB, 2) == 14.96 and round(eval_ / GiB, 1) == 28.0 and round(learn / GiB, 1) == 22.5
+    _, stages = plan(_cfg("llama-3-8b"), make_config("spinquant"), gpu_gib=80)
+    assert all(s.fits for s in stages)  # an 8B job fits one 80 GB GPU
+    _, small = plan(_cfg("llama-3-8b"), make_config("spinquant"), gpu_gib=24)
+    assert {s.stage: s.fits for s in small}["evaluate"] is False
+
+
+def test_llama3_70b_needs_offload_and_fsdp_on_80gb() -> None:
+    _, stages = plan(_cfg("llama-3-70b"), make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4), gpu_gib=80)
+    by = {s.stage: s for s in stages}
+    assert by["load"].device_bytes == 2 * 70_553_706_496
+    assert not by["quantize"].fits and by["quantize"].placement.startswith("offload")
+    assert by["learn"].placement == "FSDP over 3 GPUs"
+    _, big = plan(_cfg("llama-3-70b"), make_config("spinquant"), gpu_gib=192)
+    assert {s.stage: s.fits for s in big}["learn"] is True
+    rtn = {s.stage for s in plan(_cfg("llama-3-70b"), make_config("rtn"))[1]}
+    assert "learn" not in rtn  # no learning stage without learned rotations
+
+
+def test_plan_cli_prints_the_table_and_json() -> None:
+    run = [sys.executable, "-m", "quant_core", "plan"]
+    out = subprocess.run(run + [str(CONFIGS / "llama-3-8b.json")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "8.03 B parameters" in out.stdout and "learn" in out.stdout and "one GPU" in out.stdout
+    js = subprocess.run(run + [str(CONFIGS / "llama-3-70b.json"), "--json", "--gpu-gib", "80"], cwd=ROOT,
+                        capture_output=True, text=True)
+    data = json.loads(js.stdout)
+    assert data["params"] == 70_553_706_496 and any(s["placement"].startswith("FSDP") for s in data["stages"])
+    local = subprocess.run(run + [str(MODELS / "llama-tiny")], cwd=ROOT, capture_output=True, text=True)
+    assert local.returncode == 0 and "one GPU" in local.stdout
+    bad = subprocess.run(run + ["missing.json"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers"])
+def test_plan_refuses_incomplete_configs(tmp_path, field: str) -> None:
+    cfg = _cfg("llama-3-8b")
+    del cfg[field]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = subprocess.run([sys.executable, "-m", "quant_core", "plan", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "error:" in out.stderr
