@@ -64,7 +64,10 @@ def test_submit_watch_download_and_reload(api: Api, tmp_path: Path) -> None:
     assert report["quant_ppl"] == rep["quant_ppl"]
     tok = load_tokenizer(tmp_path / "model")
     windows = eval_windows(encode(tok, load_text(f"file:{TEST_TEXT}", "test")), cfg.eval.seq_len, cfg.eval.max_windows)
-    assert perplexity(model, windows) == pytest.approx(rep["quant_ppl"], rel=1e-6)
+    ppl = perplexity(model, windows)
+    assert ppl == pytest.approx(rep["quant_ppl"], rel=1e-6)
+    print(f"e2e: {len(stages)} stages in order, {len(progress)} progress events, {len(names)} files sha256-checked, "
+          f"runtime ppl {ppl:.6f} vs report {rep['quant_ppl']:.6f} (rel diff {abs(ppl / rep['quant_ppl'] - 1):.1e})")
 
 
 def test_cancel_running_job_stops_within_one_step(api: Api) -> None:
