@@ -3,6 +3,7 @@
     python -m api tokens create --name ci [--admin]   # prints the token once
     python -m api tokens list | revoke ID
     python -m api db upgrade
+    python -m api store check [--create-bucket]       # write, read and delete a probe; S3: make the bucket
     python -m api serve [--host 127.0.0.1] [--port 8000]
 """
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("id")
     db = sub.add_parser("db", help="database migrations")
     db.add_argument("action", choices=["upgrade"])
+    st = sub.add_parser("store", help="check that the artifact store (SPINQUANT_STORE) can be written and read")
+    st.add_argument("action", choices=["check"])
+    st.add_argument("--create-bucket", action="store_true",
+                    help="S3: create SPINQUANT_S3_BUCKET when it is missing (a local S3-compatible server)")
     s = sub.add_parser("serve", help="run the API with uvicorn")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -43,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: bad SPINQUANT_* setting: {exc}", file=sys.stderr)
         return 2
+    if a.cmd == "store":
+        return _store_check(settings, create_bucket=a.create_bucket)
     from . import auth
     from .db import Token, make_engine, make_sessionmaker, migrate
 
@@ -81,6 +88,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"revoked {a.id}")
             return 0
     return 2
+
+
+def _store_check(settings: object, *, create_bucket: bool) -> int:
+    import uuid
+
+    from .storage import make_store
+
+    try:
+        store = make_store(settings)
+        created = store.ensure_bucket() if create_bucket and hasattr(store, "ensure_bucket") else False
+        probe = f".probe/{uuid.uuid4().hex}"
+        store.put_bytes(f"{probe}/ok", b"ok")
+        ok = b"".join(store.iter_bytes(f"{probe}/ok")) == b"ok"
+        store.delete_prefix(probe)
+    except Exception as exc:  # StoreError, botocore's (no credentials, endpoint unreachable, no such bucket...)
+        print(f"error: the artifact store does not work: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if not ok:
+        print(f"error: {store!r} returned other bytes than were written", file=sys.stderr)
+        return 1
+    print(f"artifact store ok: {store!r}" + (" (bucket created)" if created else ""))
+    return 0
 
 
 if __name__ == "__main__":

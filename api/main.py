@@ -78,7 +78,7 @@ def build_services(settings: Settings) -> Services:
                     # XREAD BLOCK waits sse_block_ms: the socket must outwait it (redis-py's default does not).
                     aredis=aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.sse_block_ms / 1000 + 10),
                     sender=make_sender(settings.redis_url),
-                    store=make_store(settings.artifact_root))
+                    store=make_store(settings))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

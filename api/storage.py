@@ -1,8 +1,10 @@
 """The artifact store: where finished checkpoints and uploaded texts live.
 
 A job's files appear only when complete: ``publish`` moves a finished local folder into place in one
-rename (local backend), so a reader sees either nothing or the whole folder. Keys are relative
-paths (``jobs/<id>/model/model.safetensors``, ``texts/<sha256>.txt``).
+rename (local backend), or uploads every file and then a completion marker last (S3 backend,
+api/storage_s3.py), so a reader sees either nothing or the whole folder. Keys are relative paths
+(``jobs/<id>/model/model.safetensors``, ``texts/<sha256>.txt``). ``make_store(settings)`` picks the
+backend: the local directory by default (one host), S3-compatible for several hosts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Protocol
+from typing import Any, BinaryIO, Iterator, Protocol
 
 
 class StoreError(RuntimeError):
@@ -36,9 +38,24 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+CHUNK = 1 << 20  # bytes per chunk when streaming
+
+
+def check_range(key: str, size: int, start: int, end: int | None) -> int:
+    """The range's end (exclusive) when ``start``..``end`` lies inside a file of ``size`` bytes."""
+    end = size if end is None else end
+    if not 0 <= start <= end <= size:
+        raise StoreError(f"range {start}-{end} is outside {key} ({size} bytes)")
+    return end
+
+
 class ArtifactStore(Protocol):
     def publish(self, prefix: str, folder: Path) -> list[StoredFile]:
         """Move a finished local folder under ``prefix`` atomically; returns its files."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[StoredFile]:
+        """The files of a published prefix (nothing when it is not published, or not completely)."""
         ...
 
     def put_bytes(self, key: str, data: bytes) -> None: ...
@@ -48,6 +65,14 @@ class ArtifactStore(Protocol):
     def size(self, key: str) -> int: ...
 
     def open(self, key: str) -> BinaryIO: ...
+
+    def iter_bytes(self, key: str, start: int = 0, end: int | None = None,
+                   chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """Bytes ``start`` up to ``end`` (exclusive; None = the end) of ``key``, in chunks.
+
+        StoreError when the key is missing or the range is not inside the file (0 <= start <= end <= size).
+        """
+        ...
 
     def local_path(self, key: str) -> Path | None:
         """A filesystem path for ``key`` when the backend has one (used for zero-copy downloads)."""
@@ -63,9 +88,13 @@ class ArtifactStore(Protocol):
 class LocalStore:
     """Files under one root directory; publishing is a rename on the same filesystem."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, work_root: Path | None = None) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._work = Path(work_root).resolve() if work_root is not None else self.root / ".work"
+
+    def __repr__(self) -> str:
+        return f"LocalStore(root={str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
         p = (self.root / key).resolve()
@@ -74,16 +103,17 @@ class LocalStore:
         return p
 
     def work_dir(self) -> Path:
-        d = self.root / ".work"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        self._work.mkdir(parents=True, exist_ok=True)
+        return self._work
 
     def publish(self, prefix: str, folder: Path) -> list[StoredFile]:
         dest = self._path(prefix)
         if dest.exists():
             raise StoreError(f"{prefix} is already published")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         folder = Path(folder)
+        if not folder.is_dir():
+            raise StoreError(f"{folder} is not a folder; nothing to publish")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(folder, dest)  # atomic on one filesystem
         except OSError:
@@ -124,6 +154,16 @@ class LocalStore:
             raise StoreError(f"{key} is not in the store")
         return open(p, "rb")
 
+    def iter_bytes(self, key: str, start: int = 0, end: int | None = None,
+                   chunk_size: int = CHUNK) -> Iterator[bytes]:
+        f = self.open(key)  # raises here, not at the first next()
+        try:
+            stop = check_range(key, os.fstat(f.fileno()).st_size, start, end)
+        except BaseException:
+            f.close()
+            raise
+        return _read_range(f, start, stop, chunk_size)
+
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
@@ -131,5 +171,36 @@ class LocalStore:
         shutil.rmtree(self._path(prefix), ignore_errors=True)
 
 
-def make_store(root: Path) -> ArtifactStore:
-    return LocalStore(root)
+def _read_range(f: BinaryIO, start: int, stop: int, chunk_size: int) -> Iterator[bytes]:
+    with f:
+        f.seek(start)
+        left = stop - start
+        while left > 0:
+            block = f.read(min(chunk_size, left))
+            if not block:
+                raise StoreError(f"{getattr(f, 'name', 'file')} ended {left} bytes early")
+            left -= len(block)
+            yield block
+
+
+def make_store(settings: Any) -> ArtifactStore:
+    """The store the settings name (api.settings.Settings or worker.settings.WorkerSettings).
+
+    ``store='local'`` (the default): LocalStore under ``artifact_root``; ``store='s3'``: S3Store on
+    ``s3_bucket``. A bare path still means a LocalStore there.
+    """
+    if isinstance(settings, (str, os.PathLike)):
+        return LocalStore(Path(settings))
+    kind = getattr(settings, "store", "local")
+    if kind == "local":
+        return LocalStore(settings.artifact_root, work_root=settings.work_root)
+    if kind == "s3":
+        from .storage_s3 import S3Store
+
+        if not settings.s3_bucket:
+            raise StoreError("SPINQUANT_STORE=s3 needs a bucket: set SPINQUANT_S3_BUCKET")
+        key_id, secret = settings.s3_access_key_id, settings.s3_secret_access_key
+        return S3Store(bucket=settings.s3_bucket, prefix=settings.s3_prefix, endpoint_url=settings.s3_endpoint_url,
+                       region=settings.s3_region, access_key_id=key_id.get_secret_value() if key_id else None,
+                       secret_access_key=secret.get_secret_value() if secret else None, work_root=settings.work_root)
+    raise StoreError(f"unknown store {kind!r}; accepted: 'local' or 's3'")

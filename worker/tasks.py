@@ -4,7 +4,8 @@ It re-reads the job row (the truth), exits at once for a finished or cancelled j
 delivery holds the job's lock, counts attempts (a SIGKILLed child is redelivered; above the cap the
 job fails as 'worker lost'), imports quant_core only inside the task (never CUDA before the fork),
 runs the pipeline with a Redis/SQL progress publisher and a Redis cancel flag, exports into scratch
-space and publishes the folder into the artifact store in one rename, then records the outcome.
+space (the store's work_dir) and publishes the folder into the artifact store (one rename locally; on
+S3 every file, then a completion marker), then records the outcome.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def run_job(job_id: str, *, settings: WorkerSettings, hostname: str = "local") -
     """Run one job to a terminal state; returns what happened (for logs and tests)."""
     sessions = make_sessionmaker(make_engine(settings.database_url))
     redis = Redis.from_url(settings.redis_url)
-    store = make_store(settings.artifact_root)
+    store = make_store(settings)
     with sessions() as db:
         job = db.get(Job, job_id)
         if job is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -15,6 +16,7 @@ from ..events import EVENT_ID, job_events
 from ..schemas import (
     ArtifactPublic, ErrorInfo, JobAccepted, JobCreate, JobList, JobPublic, JobSummary, Links, Problem, Status,
 )
+from ..storage import ArtifactStore, StoreError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = {404: {"model": Problem, "description": "no such job for this token"}}
@@ -146,8 +148,59 @@ def download_artifact(job_id: str, name: str, request: Request, db: DbDep, owner
     etag = f'"{art.sha256}"'
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
+    gone = HTTPException(410, f"artifact {name!r} of job {job_id} is no longer in the store")
+    headers = {"ETag": etag, "X-Checksum-SHA256": art.sha256}
     path = services.store.local_path(art.store_key)
-    if path is None or not path.is_file():
-        raise HTTPException(410, f"artifact {name!r} of job {job_id} is no longer in the store")
+    if path is None:  # a remote store (S3): streamed from there, Range included
+        return _stream(services.store, art.store_key, art.bytes, request, filename=name.rsplit("/", 1)[-1],
+                       gone=gone, headers=headers)
+    if not path.is_file():
+        raise gone
     return FileResponse(path, media_type="application/octet-stream", filename=name.rsplit("/", 1)[-1],
-                        headers={"ETag": etag, "X-Checksum-SHA256": art.sha256})
+                        headers=headers)
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One ``bytes=`` range -> (start, end exclusive); None = send the whole file (several ranges).
+
+    As the local backend's FileResponse: 400 when malformed, 416 when it starts at or past the end.
+    """
+    unit, eq, spec = header.partition("=")
+    if not eq or unit.strip().lower() != "bytes":
+        raise HTTPException(400, "malformed Range header; accepted: bytes=START-END, bytes=START- or bytes=-N")
+    if "," in spec:
+        return None  # several ranges: allowed to ignore (RFC 9110 §14.2), served whole
+    first, dash, last = (x.strip() for x in spec.strip().partition("-"))
+    if not dash or not (first or last) or not (first or "0").isdigit() or not (last or "0").isdigit():
+        raise HTTPException(400, "malformed Range header; accepted: bytes=START-END, bytes=START- or bytes=-N")
+    start = int(first) if first else max(size - int(last), 0)
+    end = min(int(last) + 1, size) if first and last else size
+    if start >= size:
+        raise HTTPException(416, f"range not satisfiable: the file has {size} bytes",
+                            headers={"Content-Range": f"bytes */{size}"})
+    if start >= end:
+        raise HTTPException(400, "malformed Range header: the range ends before it starts")
+    return start, end
+
+
+def _stream(store: ArtifactStore, key: str, size: int, request: Request, *, filename: str, gone: HTTPException,
+            headers: dict[str, str]) -> StreamingResponse:
+    """The file from the store, whole or one Range (206), with the local path's headers."""
+    quoted = quote(filename)
+    headers = {**headers, "Accept-Ranges": "bytes", "Content-Disposition":
+               f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'}
+    span, code = None, 200
+    header = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if header is not None and (if_range is None or if_range == headers["ETag"]):
+        span = parse_range(header, size)
+    start, end = span or (0, size)
+    if span is not None:
+        code = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    try:
+        body = store.iter_bytes(key, start, end)
+    except StoreError:
+        raise gone from None
+    headers["Content-Length"] = str(end - start)
+    return StreamingResponse(body, status_code=code, media_type="application/octet-stream", headers=headers)

@@ -1,42 +1,17 @@
-"""Pieces of the service on their own: the artifact store, model references (hub mocked), failure classes."""
+"""Pieces of the service on their own: model references (hub mocked), failure classes, settings.
+
+The artifact store's tests are in test_storage.py (every backend).
+"""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
 from api.crud import RequestError, resolve_local, resolve_model_ref
 from api.settings import Settings
-from api.storage import LocalStore, StoreError
 from tests.conftest import MODELS
-
-
-def test_local_store_publishes_a_folder_whole(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "store")
-    src = store.work_dir() / "job1" / "out"
-    (src / "model").mkdir(parents=True)
-    (src / "model" / "a.bin").write_bytes(b"abc" * 1000)
-    (src / "SHA256SUMS").write_text("x\n")
-    assert not store.exists("jobs/job1/SHA256SUMS")
-    files = store.publish("jobs/job1", src)
-    assert not src.exists()
-    assert [(f.name, f.bytes) for f in files] == [("SHA256SUMS", 2), ("model/a.bin", 3000)]
-    assert files[1].sha256 == hashlib.sha256(b"abc" * 1000).hexdigest() and files[1].key == "jobs/job1/model/a.bin"
-    with store.open("jobs/job1/model/a.bin") as f:
-        assert f.read() == b"abc" * 1000
-    with pytest.raises(StoreError, match="already published"):
-        store.publish("jobs/job1", src)
-    store.delete_prefix("jobs/job1")
-    assert not store.exists("jobs/job1/model/a.bin")
-
-
-@pytest.mark.parametrize("key", ["../outside", "/etc/passwd", "jobs/../../x", ""])
-def test_local_store_refuses_keys_outside_its_root(tmp_path: Path, key: str) -> None:
-    store = LocalStore(tmp_path / "store")
-    with pytest.raises(StoreError, match="outside the store"):
-        store.put_bytes(key, b"x")
 
 
 @pytest.mark.parametrize("name, words", [
