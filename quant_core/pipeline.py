@@ -34,6 +34,7 @@ from .learn import train_rotations
 from .models import (
     ArchSpec, DecoderLM, ModelError, QuantRuntime, arch_from_config, load_model, resolve_model, weight_files,
 )
+from .plan import refusal as memory_refusal
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 from .rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
 
@@ -159,6 +160,11 @@ def quantize_model(
     src = resolve_model(model_ref, revision, cache_dir)
     arch = arch_from_config(src.config)
     plans = validate_environment(cfg, arch)
+    if device == "cuda":  # one device runs every stage: refuse a job that cannot fit before spending GPU time
+        why = memory_refusal(src.config, cfg, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
+                             str(dtype).removeprefix("torch."))
+        if why:
+            raise ConfigError(why)
     weight_files(src.path)  # refuse pickle-only or missing weights before reading any text
     tokenizer = load_tokenizer(src.path)
     eval_tokens = encode(tokenizer, load_text(cfg.eval.source, "test"), bos=False)

@@ -173,3 +173,20 @@ def render(name: str, s: Shape, stages: list[StageMemory], gpu_gib: float, dtype
         for term, b in st.terms.items():
             lines.append(f"{'':<4}{term:<52}{b / GiB:>8.2f}")
     return "\n".join(lines)
+
+
+def refusal(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, dtype: str = "bfloat16") -> str | None:
+    """Why this job cannot run on one GPU of ``gpu_bytes`` (None when every stage fits).
+
+    The pipeline runs every stage on one device; offloading and FSDP are what the plan says a larger
+    model would need, and they are not implemented, so such a job is refused before any GPU time is spent.
+    """
+    _, stages = plan(model_config, cfg, gpu_gib=gpu_bytes / GiB, dtype=dtype)
+    over = [s for s in stages if not s.fits]
+    if not over:
+        return None
+    worst = max(over, key=lambda s: s.device_bytes)
+    return (f"this model does not fit one {gpu_bytes / GiB:.0f} GiB GPU: {worst.stage} needs "
+            f"{worst.device_bytes / GiB:.1f} GiB (it would need {worst.placement}); stages over the limit: "
+            f"{', '.join(s.stage for s in over)}. Use a larger GPU, or lower seq_len / calib_samples "
+            f"(python -m quant_core plan MODEL shows every stage)")

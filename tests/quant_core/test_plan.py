@@ -83,3 +83,13 @@ def test_plan_refuses_incomplete_configs(tmp_path, field: str) -> None:
     out = subprocess.run([sys.executable, "-m", "quant_core", "plan", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_refusal_names_the_stage_that_does_not_fit() -> None:
+    from quant_core.plan import refusal
+
+    cfg = make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4)
+    assert refusal(_cfg("llama-3-8b"), cfg, 80 * GiB) is None
+    why = refusal(_cfg("llama-3-70b"), cfg, 80 * GiB)
+    assert why is not None and "does not fit one 80 GiB GPU" in why and "learn" in why and "FSDP" in why
+    assert refusal(json.loads((MODELS / "llama-tiny" / "config.json").read_text()), cfg, 1 * GiB) is None
