@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis test test-fast demo serve bench-accuracy fixtures clean
+.PHONY: setup redis test test-fast demo serve bench-accuracy bench-service check-deploy fixtures clean
 
 setup: $(STAMP) redis
 
@@ -39,6 +39,13 @@ serve: setup
 
 bench-accuracy: setup
 	$(PY) bench/accuracy.py --json runs/bench/accuracy.json
+
+bench-service: setup
+	$(PY) bench/service.py --json runs/bench/service.json
+
+# docker compose config + hadolint, without a Docker engine (also run by make test).
+check-deploy: setup
+	scripts/check_deploy.sh
 
 fixtures: setup
 	$(PY) -m tests.fixtures.build_all
