@@ -295,6 +295,9 @@ def export_checkpoint(result: QuantizeResult, out_dir: Path, formats: Any = ("ct
         if len(sizes) > 1:
             result.report["checkpoint_bytes_by_folder"] = sizes
         result.report["serving"] = {"vllm": vllm_serving_verdict(cfg)}
+        # The command in each folder's serve.sh, also in the report so a UI can show it without a download.
+        result.report["serve_commands"] = {
+            f.name: serve_command(cfg, r4 is not None and f.name == "model", f.name).strip() for f in folders}
         for f in folders:
             (f / "eval_report.json").write_text(json.dumps(result.report, indent=2))
         write_sha256sums(tmp)

@@ -183,8 +183,9 @@ export function jobView(id) {
     if (job.status !== 'succeeded' || serveFor === job.id) { if (job.status !== 'succeeded') put(serveBox); return; }
     serveFor = job.id;
     const sh = job.artifacts.find((a) => a.name === 'model/serve.sh') ?? job.artifacts.find((a) => a.name.endsWith('/serve.sh'));
-    let text = job.report?.serve_command ?? null;
-    if (sh) {
+    const cmds = job.report?.serve_commands ?? {};
+    let text = cmds.model ?? Object.values(cmds)[0] ?? null; // the report carries serve.sh's command
+    if (!text && sh) {
       try { text = await artifactText(sh.url, ctrl.signal); } catch { /* keep the report's command */ }
     }
     put(serveBox, h('h2', { id: 'serve-h' }, 'Serve it'), (text

@@ -55,6 +55,7 @@ def test_submit_watch_download_and_reload(api: Api, tmp_path: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(resp.content)
         assert hashlib.sha256(resp.content).hexdigest() == art["sha256"] and len(resp.content) == art["bytes"]
+    assert rep["serve_commands"]["model"] == (tmp_path / "model" / "serve.sh").read_text().strip()
     for line in (tmp_path / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         assert names[name.lstrip("*")]["sha256"] == digest
