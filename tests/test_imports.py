@@ -37,3 +37,13 @@ def test_quant_core_import_does_not_initialise_cuda() -> None:
     code = ("import torch, quant_core, quant_core.pipeline, quant_core.export, quant_core.runtime; "
             "print(torch.cuda.is_initialized())")
     assert _run(code) == "False"
+
+
+def test_worker_with_a_bad_setting_exits_with_one_message() -> None:
+    import os
+
+    env = dict(os.environ, SPINQUANT_STORE="s3")  # s3 without a bucket
+    out = subprocess.run([sys.executable, "-c", "import worker.celery_app"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: bad SPINQUANT_* setting")
+    assert "Traceback" not in out.stderr and "SPINQUANT_S3_BUCKET" in out.stderr

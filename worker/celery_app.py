@@ -7,11 +7,19 @@ Run one per GPU (QUEUE.md §3):
 
 from __future__ import annotations
 
+import sys
+
 from celery import Celery
+from pydantic import ValidationError
 
 from api.queue import celery_config
 
 from .settings import get_settings
 
+try:
+    _settings = get_settings()
+except ValidationError as exc:  # a bad SPINQUANT_* variable: one clear message at startup, no traceback
+    sys.exit(f"error: bad SPINQUANT_* setting for the worker: {exc}")
+
 app = Celery("spinquant-worker", include=["worker.tasks"])
-app.conf.update(celery_config(get_settings().redis_url))
+app.conf.update(celery_config(_settings.redis_url))
