@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from .storage import sha256_of  # stdlib only: the client stays free of the server's packages
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
 EXIT_OK, EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT, EXIT_CHECKSUM, EXIT_UNREACHABLE = 0, 2, 3, 4, 5, 6, 7
@@ -98,14 +100,6 @@ class Event:
     data: dict[str, Any]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def safe_dest(root: Path, name: str) -> Path:
     """``root/name`` for an artifact name, refusing absolute paths and ``..`` (a name must stay inside root)."""
     p = PurePosixPath(name)
@@ -130,7 +124,7 @@ def verify_checksums(root: Path | str, artifacts: list[dict[str, Any]], *, known
         if not path.is_file():
             problems.append(f"{name}: missing")
             continue
-        size, digest = path.stat().st_size, (known or {}).get(name) or sha256_file(path)
+        size, digest = path.stat().st_size, (known or {}).get(name) or sha256_of(path)
         if digest != art["sha256"] or size != art["bytes"]:
             problems.append(f"{name}: sha256 {digest} ({size} bytes), the API says {art['sha256']} ({art['bytes']} bytes)")
     if SUMS not in api:

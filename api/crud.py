@@ -160,6 +160,14 @@ def _find_by_key(db: Session, owner: Token, key: str) -> Job | None:
     return db.scalar(select(Job).where(Job.owner_id == owner.id, Job.idempotency_key == key))
 
 
+def _replay(prior: Job, job_in: JobCreate) -> Created:
+    """The earlier job of this Idempotency-Key, if the request is the same one; a 422 if it is not."""
+    if prior.request != job_in.model_dump(mode="json"):
+        raise RequestError(422, ["header", "Idempotency-Key"], "this Idempotency-Key was used for a "
+                           f"different request (job {prior.id}); use a new key for new settings", "conflict")
+    return Created(prior, replay=True)
+
+
 def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key: str | None, settings: Settings,
                sender: Any, redis: Any) -> Created:
     """Validate, dedupe (Idempotency-Key, finished identical job), record, then enqueue by name."""
@@ -168,10 +176,7 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
             raise RequestError(400, ["header", "Idempotency-Key"], "Idempotency-Key must be 1-200 characters")
         prior = _find_by_key(db, owner, idempotency_key)
         if prior is not None:
-            if prior.request != job_in.model_dump(mode="json"):
-                raise RequestError(422, ["header", "Idempotency-Key"], "this Idempotency-Key was used for a "
-                                   f"different request (job {prior.id}); use a new key for new settings", "conflict")
-            return Created(prior, replay=True)
+            return _replay(prior, job_in)
     ref = resolve_model_ref(model=job_in.model, revision=job_in.revision, settings=settings)
     cfg = build_config(job_in=job_in, db=db, owner=owner)
     try:
@@ -203,15 +208,10 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
         prior = _find_by_key(db, owner, idempotency_key or "")
         if prior is None:
             raise
-        if prior.request != job_in.model_dump(mode="json"):
-            raise RequestError(422, ["header", "Idempotency-Key"], "this Idempotency-Key was used for a "
-                               f"different request (job {prior.id}); use a new key for new settings",
-                               "conflict") from None
-        return Created(prior, replay=True)
+        return _replay(prior, job_in)
     if done is not None:
-        live.publish_event(redis, job.id, "status", {"status": SUCCEEDED, "cache_hit": True, "reused_from": done.id})
-        live.publish_event(redis, job.id, "end", {"status": SUCCEEDED})
-        live.expire_job_keys(redis, job.id, settings.events_ttl_s)
+        live.publish_end(redis, job.id, {"status": SUCCEEDED, "cache_hit": True, "reused_from": done.id},
+                         settings.events_ttl_s)
         return Created(job, cache_hit=True)
     live.publish_event(redis, job.id, "status", {"status": QUEUED})
     enqueue(sender, job.id, soft, hard)
@@ -250,9 +250,7 @@ def request_cancel(*, db: Session, job: Job, sender: Any, redis: Any, settings: 
         db.commit()
         if res.rowcount == 1:
             sender.control.revoke(job.id)  # never terminate=True (QUEUE.md §4)
-            live.publish_event(redis, job.id, "status", {"status": CANCELLED})
-            live.publish_event(redis, job.id, "end", {"status": CANCELLED})
-            live.expire_job_keys(redis, job.id, settings.events_ttl_s)
+            live.publish_end(redis, job.id, {"status": CANCELLED}, settings.events_ttl_s)
             db.refresh(job)
             return job
         db.refresh(job)

@@ -42,6 +42,14 @@ def publish_event(redis: Any, job_id: str, kind: str, data: dict[str, Any]) -> s
     return eid.decode() if isinstance(eid, bytes) else str(eid)
 
 
+def publish_end(redis: Any, job_id: str, status: dict[str, Any], ttl_s: int) -> None:
+    """A job's last events (its final ``status``, then ``end``, which closes every SSE stream), and the
+    expiry of its progress keys: the database keeps the outcome after they are gone."""
+    publish_event(redis, job_id, "status", status)
+    publish_event(redis, job_id, "end", {"status": status["status"]})
+    expire_job_keys(redis, job_id, ttl_s)
+
+
 def expire_job_keys(redis: Any, job_id: str, ttl_s: int) -> None:
     for key in (state_key(job_id), events_key(job_id), cancel_key(job_id)):
         redis.expire(key, ttl_s)

@@ -99,9 +99,7 @@ def _finish(sessions: Any, redis: Redis, job_id: str, settings: WorkerSettings, 
     event = {"status": status}
     if "error_code" in values:
         event.update(code=values["error_code"], message=values.get("error_message"))
-    live.publish_event(redis, job_id, "status", event)
-    live.publish_event(redis, job_id, "end", {"status": status})
-    live.expire_job_keys(redis, job_id, settings.events_ttl_s)
+    live.publish_end(redis, job_id, event, settings.events_ttl_s)
 
 
 def run_job(job_id: str, *, settings: WorkerSettings, hostname: str = "local") -> str:

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from .. import crud, live
 from ..db import TERMINAL, Job
-from ..deps import DbDep, OwnerDep, ServicesDep
+from ..deps import DbDep, OwnerDep, ServicesDep, get_owner
 from ..events import EVENT_ID, job_events
 from ..schemas import (
     ArtifactPublic, ErrorInfo, JobAccepted, JobCreate, JobList, JobPublic, JobSummary, Links, Problem, Status,
@@ -98,8 +98,6 @@ async def job_events_stream(job_id: str, request: Request, services: ServicesDep
     """Server-Sent Events: the job's events replayed from Last-Event-ID, then live until it ends."""
     def check() -> None:
         with services.sessions() as db:
-            from ..deps import get_owner
-
             owner = get_owner(request, db)
             _visible(db, owner, job_id)
 
