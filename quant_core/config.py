@@ -23,6 +23,7 @@ CONFIG_VERSION = 1
 W_BITS = (2, 3, 4, 8, 16)  # 16 = weights not quantized
 A_BITS = (4, 8, 16)  # 16 = activations not quantized
 KV_BITS = (4, 8, 16)  # 16 = KV cache not quantized
+STE_MODES = ("range", "identity")  # rotation-learning gradient through the fake quantizers (TrainConfig.ste)
 
 
 class ConfigError(ValueError):
@@ -192,6 +193,9 @@ class TrainConfig:
     samples: int = 800  # training blocks taken from the start of the calibration text
     step_cap: bool = False  # cap the step at 1/||A||_1 like the official optimizer
     train_w_bits: int | None = None  # None: 16 when GPTQ follows, else the target weight bits
+    # identity: SpinQuant's STE, the gradient passes every fake quantizer unchanged; range: also through
+    # each token's activation/KV scale (its min/max), so learning sees a rotation narrow a token's range
+    ste: str = "range"
 
     def __post_init__(self) -> None:
         _check_int(self.steps, "train.steps", 0, 100000)
@@ -208,6 +212,7 @@ class TrainConfig:
         _check_bool(self.checkpoint_layers, "train.checkpoint_layers")
         if self.train_w_bits is not None:
             _check_in(self.train_w_bits, W_BITS, "train.train_w_bits")
+        _check_in(self.ste, STE_MODES, "train.ste")
 
 
 @dataclass(frozen=True)
@@ -327,6 +332,7 @@ ALIASES: dict[str, str] = {
     "batch_size": "train.batch_size",
     "micro_batch": "train.micro_batch",
     "train_samples": "train.samples",
+    "ste": "train.ste",
     "calib_source": "calib.source",
     "calib_samples": "calib.samples",
     "seq_len": ("calib.seq_len", "eval.seq_len"),  # type: ignore[dict-item]

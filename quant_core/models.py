@@ -150,18 +150,20 @@ class QuantRuntime:
     kv_clip: float = 1.0
     r3: HadamardPlan | None = None  # on Q and K after RoPE (size head_dim)
     r4: HadamardPlan | None = None  # on the down_proj input (size d_ff)
+    range_grad: bool = False  # learning only: gradients also reach each token's scale (train.ste = range)
 
     def act(self, x: Tensor, group: int = -1) -> Tensor:
         if self.a_bits >= 16:
             return x
         return fake_quant_act(x, bits=self.a_bits, sym=self.a_sym, clip_ratio=self.a_clip, group_size=group,
-                              half_range=self.a_half_range)
+                              half_range=self.a_half_range, range_grad=self.range_grad)
 
     def kv(self, x: Tensor) -> Tensor:
         # x: (B, n_kv, L, hd): per token, per head = groups of hd over the last dim.
         if self.kv_bits >= 16:
             return x
-        return fake_quant_act(x, bits=self.kv_bits, sym=self.kv_sym, clip_ratio=self.kv_clip, group_size=-1)
+        return fake_quant_act(x, bits=self.kv_bits, sym=self.kv_sym, clip_ratio=self.kv_clip, group_size=-1,
+                              range_grad=self.range_grad)
 
 
 # -- modules ---------------------------------------------------------------------------------------

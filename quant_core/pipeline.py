@@ -106,13 +106,16 @@ def validate_environment(cfg: SpinQuantConfig, arch: ArchSpec) -> Plans:
     return Plans(r3=r3, r4=r4)
 
 
-def build_runtime(cfg: SpinQuantConfig, arch: ArchSpec, plans: Plans, *, a_bits: int, kv_bits: int) -> QuantRuntime:
-    """The online transforms and quantizers a config implies; the pipeline and quant_core.runtime share it."""
+def build_runtime(cfg: SpinQuantConfig, arch: ArchSpec, plans: Plans, *, a_bits: int, kv_bits: int,
+                  learning: bool = False) -> QuantRuntime:
+    """The online transforms and quantizers a config implies; the pipeline and quant_core.runtime share it.
+    ``learning`` selects the training gradient (train.ste); values are the same either way."""
     a, kv = cfg.activations, cfg.kv
     return QuantRuntime(
         a_bits=a_bits, a_sym=a.sym, a_clip=a.clip_ratio, a_half_range=a.half_range,
         o_group=arch.head_dim if a.o_proj_per_head else -1,
         kv_bits=kv_bits, kv_sym=kv.sym, kv_clip=kv.clip_ratio, r3=plans.r3, r4=plans.r4,
+        range_grad=learning and cfg.train.ste == "range",
     )
 
 
@@ -210,7 +213,7 @@ def quantize_model(
         assert r1 is not None and r2s is not None
         assert calib_tokens is not None
         blocks = train_blocks(calib_tokens, cfg.train.samples, cfg.calib.seq_len)
-        model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
+        model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits, learning=True)
         try:
             res = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel)
         finally:

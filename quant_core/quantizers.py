@@ -348,7 +348,8 @@ def fake_quant_weight(
 
 
 def fake_quant_act(
-    x: Tensor, *, bits: int, sym: bool, clip_ratio: float = 1.0, group_size: int = -1, half_range: bool = False
+    x: Tensor, *, bits: int, sym: bool, clip_ratio: float = 1.0, group_size: int = -1, half_range: bool = False,
+    range_grad: bool = False,
 ) -> Tensor:
     """Dynamic per-token (optionally per-group) fake quantization over the last dim.
 
@@ -366,6 +367,11 @@ def fake_quant_act(
             channels (KV cache: head_dim, one scale per token per head).
         half_range: symmetric only: s = c·max|x| / ((qmax - qmin)/2), i.e. amax/7.5 at 4 bits,
             the compressed-tensors convention, instead of amax/qmax (SpinQuant/QuaRot).
+        range_grad: gradient only (the value is identical): besides the straight-through
+            identity, let the gradient reach each token's scale, i.e. its min/max (or max|x|)
+            elements, with the LSQ derivative ∂x̂/∂s = (q - z) - x/s (q - z where clamped).
+            Rotation learning then sees that a rotation which narrows a token's range shrinks
+            that token's rounding error; the plain STE (SpinQuant's) cannot see it.
 
     Example:
         >>> k = torch.randn(2, 16, 8 * 64)  # (batch, seq, heads·hd)
@@ -395,9 +401,37 @@ def fake_quant_act(
         hi = torch.where(empty, 1.0, hi)
         s = ((hi - lo) / qmax).clamp_min(_ACT_FLOOR)
         z = torch.round(-lo / s)
-    x_hat = _dequant_elem(_quant_elem(xf, s, z, qmin, qmax), s, z)
+    q = _quant_elem(xf, s, z, qmin, qmax)
+    x_hat = _dequant_elem(q, s, z)
+    if range_grad and x.requires_grad:
+        return _ste_with_scale(x, x_hat, xf, q, s, z, bits=bits, sym=sym, clip_ratio=clip_ratio,
+                               denom=((qmax - qmin) / 2 if half_range else qmax) if sym else qmax)
     x_hat = x_hat.reshape(x.shape).to(x.dtype)  # (..., d // g, g) -> (..., d)
     return _ste(x, x_hat)
+
+
+def _ste_with_scale(x: Tensor, x_hat: Tensor, xf: Tensor, q: Tensor, s: Tensor, z: Tensor | None, *,
+                    bits: int, sym: bool, clip_ratio: float, denom: float) -> Tensor:
+    """x_hat's exact value with gradient I + (∂x̂/∂s)·(∂s/∂x): see fake_quant_act(range_grad=True).
+
+    xf, x_hat, q, s, z are the grouped (..., d // g, g) float tensors fake_quant_act computed.
+    """
+    qmin, qmax = _int_range(bits, sym)
+    xg = x.float().reshape(xf.shape)  # differentiable view of x, grouped like xf
+    if sym:
+        s_live = clip_ratio * xg.abs().amax(-1, keepdim=True) / denom  # (..., d // g, 1)
+    else:
+        lo = clip_ratio * xg.amin(-1, keepdim=True).clamp_max(0.0)
+        hi = clip_ratio * xg.amax(-1, keepdim=True).clamp_min(0.0)
+        s_live = torch.where((lo == 0) & (hi == 0), 0.0, (hi - lo) / qmax)  # an all-zero group's scale is fixed
+    codes = q if z is None else q - z
+    pre = torch.round(xf / s) if z is None else torch.round(xf / s) + z  # codes before the clamp
+    clamped = (pre < qmin) | (pre > qmax)
+    # LSQ: d/ds [s·(round(x/s) + z - z)] = round(x/s) - x/s inside the grid, the code itself when clamped
+    dxhat_ds = torch.where(clamped, codes, codes - xf / s).detach()
+    extra = (s_live - s_live.detach()) * dxhat_ds  # exactly 0 in value, carries ∂x̂/∂s·∂s/∂x
+    out = x_hat.detach() + (xg - xg.detach()) + extra
+    return out.reshape(x.shape).to(x.dtype)  # (..., d // g, g) -> (..., d)
 
 
 def sqnr_db(ref: Tensor, approx: Tensor) -> float:

@@ -29,7 +29,7 @@ from scripts.stack import ROOT, Stack
 STACK_DIR = ROOT / "runs" / "demo-stack"
 OUT_DIR = ROOT / "runs" / "demo" / "checkpoint"
 TEXTS = ROOT / "tests" / "fixtures" / "text"
-MODEL = "local:llama-outlier"
+MODEL = "local:llama-massive"
 SETTINGS = {"w_bits": 4, "a_bits": 4, "kv_bits": 4, "seq_len": 256, "calib_samples": 32,
             "train_samples": 200, "steps": 50}
 

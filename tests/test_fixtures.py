@@ -20,8 +20,9 @@ from tests.fixtures.outliers import (
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MODELS = FIXTURES / "models"
 TEXT = FIXTURES / "text"
-TRAINED = ["llama-tiny", "qwen2-tiny", "llama-outlier"]
-ARCH = {"llama-tiny": "LlamaForCausalLM", "qwen2-tiny": "Qwen2ForCausalLM", "llama-outlier": "LlamaForCausalLM"}
+TRAINED = ["llama-tiny", "qwen2-tiny", "llama-outlier", "llama-massive"]
+ARCH = {"llama-tiny": "LlamaForCausalLM", "qwen2-tiny": "Qwen2ForCausalLM", "llama-outlier": "LlamaForCausalLM",
+        "llama-massive": "LlamaForCausalLM"}
 
 PPL_TOKENS = 20_000
 # Held-out perplexity on the first PPL_TOKENS tokens of test.txt: measured value x 1.05.
@@ -145,6 +146,34 @@ def test_llama_outlier_reproduces_llama_tiny() -> None:
     assert (outlier(input_ids=ids).logits - ref).abs().max().item() <= 1e-4
     gamma = outlier.model.layers[0].input_layernorm.weight
     assert gamma[list(DEFAULT_HIDDEN_CHANNELS)].abs().min() > 5 * gamma.abs().median()
+
+
+@torch.no_grad()
+def test_llama_massive_has_a_constant_massive_residual_direction(test_tokens: torch.Tensor) -> None:
+    """h·u = c at the input of every layer for every token (nothing writes along u), and u survives folding:
+    the normalised activations the q/k/v and gate/up quantizers see carry most of their energy along u."""
+    record = json.loads((MODELS / "llama-massive" / "massive.json").read_text())
+    u = torch.tensor(record["u"], dtype=torch.float64)
+    assert torch.allclose(u, build_models.massive_direction(128, record["direction_seed"]), atol=1e-12)
+    model = _load("llama-massive")
+    uf = u.float()
+    for layer in model.model.layers:
+        for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            assert (uf @ lin.weight).abs().max() <= 1e-5 * lin.weight.abs().max()
+    seen = []
+    hooks = [layer.input_layernorm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+             for layer in model.model.layers]
+    model(input_ids=test_tokens[:1024].view(4, 256))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 4
+    for h in seen:
+        a = h @ uf  # (B, T): the u-component of every residual vector
+        torch.testing.assert_close(a, torch.full_like(a, record["c"]), rtol=0, atol=1e-4)
+        share = a.pow(2) / h.pow(2).sum(-1)  # fraction of each token's energy along u
+        assert share.mean() > 0.1
+    ppl = build_models.perplexity(model, test_tokens, max_tokens=PPL_TOKENS)
+    assert ppl < 1.05 * record["test_perplexity_prefix"], ppl
 
 
 @pytest.mark.parametrize("case", sorted(tiny_random.CASES))

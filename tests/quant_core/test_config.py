@@ -26,6 +26,7 @@ def test_preset_contents() -> None:
     assert sq.rotation.r1r2 is Rotation.LEARNED and sq.r3_on and sq.r4_mode == ("full", None)
     assert sq.train_w_bits == 16  # W16 during learning when GPTQ follows
     assert sq.train.lr == 1.5 and sq.train.steps == 100 and sq.train.grad_clip == 1.0
+    assert sq.train.ste == "range" and make_config("spinquant", ste="identity").train.ste == "identity"
     assert not sq.activations.sym and sq.activations.clip_ratio == 1.0
     w_only = make_config("spinquant", w_bits=4, a_bits=16, kv_bits=16)
     assert w_only.r4_mode == ("none", None) and not w_only.r3_on  # SpinQuant_no_had for W4A16
@@ -55,6 +56,7 @@ def test_preset_contents() -> None:
         ({"bogus": 1}, r"unknown setting 'bogus'"),
         ({"settings": {"weights.nope": 1}}, r"unknown setting 'weights.nope'"),
         ({"device": "tpu"}, r"device='tpu'"),
+        ({"ste": "lsq"}, r"train.ste='lsq' is not valid; accepted: range, identity"),
     ],
 )
 def test_bad_settings_name_the_field(overrides, message) -> None:

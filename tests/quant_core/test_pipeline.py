@@ -117,6 +117,24 @@ def test_learning_moves_the_rotations_and_keeps_them_orthogonal() -> None:
     assert len(res.report["loss_curve"]) == 6 and len(res.report["rotation"]["grad_norms"]) == 6
 
 
+def test_learning_beats_random_hadamard_on_the_massive_fixture() -> None:
+    """llama-massive has a residual direction that folding cannot remove, so R1 matters. A short learning run
+    with the default range STE must remove most of the W16A4 gap of its own random-Hadamard start (same seed,
+    same windows); SpinQuant's plain STE (train.ste=identity) moves less in the same steps, which is why range
+    is the default. bench/accuracy.py measures the full-size version (100 steps, W4A4KV4, three seeds)."""
+    massive = str(MODELS / "llama-massive")
+    kw = dict(w_bits=16, a_bits=4, kv_bits=16, lr=1.5, train_samples=64, batch_size=8, micro_batch=8)
+    start = quantize_model(massive, _cfg(steps=0, **kw)).report
+    fp, random_ppl = start["fp_ppl"], start["quant_ppl"]
+    ranged = quantize_model(massive, _cfg(steps=40, **kw)).report
+    plain = quantize_model(massive, _cfg(steps=40, settings={"train.ste": "identity"}, **kw)).report
+    assert random_ppl > 1.05 * fp  # there is a gap to close
+    assert ranged["quant_ppl"] - fp < 0.5 * (random_ppl - fp), (fp, random_ppl, ranged["quant_ppl"])
+    assert plain["quant_ppl"] < random_ppl  # the paper's estimator learns too, only less
+    assert ranged["quant_ppl"] < plain["quant_ppl"]
+    assert ranged["loss_curve"][-1] < ranged["loss_curve"][0]
+
+
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "quant_core", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600)

@@ -252,6 +252,51 @@ def test_act_ste_gradient_is_identity(sym: bool) -> None:
     assert x.grad is not None and torch.equal(x.grad, g)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("clip", [1.0, 0.8])
+def test_act_range_grad_same_value_and_lsq_gradient(sym: bool, clip: float) -> None:
+    """range_grad changes only the gradient: identity plus dL/ds reaching each group's extreme elements,
+    with dx̂/ds = (q - z) - x/s inside the grid and (q - z) where clamped (checked by hand per group)."""
+    x = (2.0 * _gauss((3, 4, 32), seed=21)).requires_grad_(True)
+    g = _gauss((3, 4, 32), seed=22)
+    plain = fake_quant_act(x, bits=4, sym=sym, clip_ratio=clip, group_size=8)
+    ranged = fake_quant_act(x, bits=4, sym=sym, clip_ratio=clip, group_size=8, range_grad=True)
+    assert torch.equal(plain, ranged)
+    (ranged * g).sum().backward()
+
+    qmin, qmax = (-8, 7) if sym else (0, 15)
+    xd = x.detach().double().reshape(3, 4, 4, 8)  # (..., 32) -> (..., 4 groups, 8)
+    gd = g.double().reshape(3, 4, 4, 8)
+    expected = gd.clone()
+    for idx in torch.cartesian_prod(torch.arange(3), torch.arange(4), torch.arange(4)).tolist():
+        v, gv = xd[tuple(idx)], gd[tuple(idx)]
+        if sym:
+            s, z = clip * v.abs().max() / qmax, 0.0
+        else:
+            lo, hi = clip * min(v.min(), 0.0), clip * max(v.max(), 0.0)
+            s = (hi - lo) / qmax
+            z = torch.round(-lo / s)
+        pre = torch.round(v / s) + z
+        codes = pre.clamp(qmin, qmax) - z
+        dxhat_ds = torch.where((pre < qmin) | (pre > qmax), codes, codes - v / s)
+        dl_ds = float((gv * dxhat_ds).sum())
+        e = expected[tuple(idx)]
+        if sym:
+            k = int(v.abs().argmax())
+            e[k] += dl_ds * clip / qmax * float(torch.sign(v[k]))
+        else:
+            e[int(v.argmax())] += dl_ds * clip / qmax  # s = (hi - lo)/qmax
+            e[int(v.argmin())] -= dl_ds * clip / qmax
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad.double(), expected.reshape(3, 4, 32), rtol=0, atol=1e-5)
+    assert (x.grad - g).abs().max() > 1e-3  # the extra term is really there
+
+
+def test_act_range_grad_without_grad_is_plain() -> None:
+    x = _gauss((4, 16), seed=23)
+    assert torch.equal(fake_quant_act(x, bits=4, sym=False, range_grad=True), fake_quant_act(x, bits=4, sym=False))
+
+
 # ---------------------------------------------------------------- activations
 
 
