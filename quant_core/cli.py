@@ -239,7 +239,7 @@ def _model_config(model: str, revision: str | None) -> dict[str, Any]:
 
 def _plan(a: argparse.Namespace) -> int:
     from .models import ModelError, arch_from_config
-    from .plan import plan, render
+    from .plan import GiB, decide, plan, render
 
     mcfg = _model_config(a.model, a.revision)
     arch_from_config(mcfg)  # the same family checks as a real job
@@ -249,12 +249,15 @@ def _plan(a: argparse.Namespace) -> int:
         shape, stages = plan(mcfg, cfg, gpu_gib=a.gpu_gib, dtype=a.dtype)
     except KeyError as exc:
         raise ModelError(f"config.json lacks {exc}") from None
+    dec = decide(mcfg, cfg, int(a.gpu_gib * GiB), a.dtype)
+    verdict = f"refused: {dec.refusal}" if dec.refusal else ("layer-wise offload" if dec.offload else "whole model on the GPU")
     if a.json:
-        print(json.dumps({"params": shape.params, "gpu_gib": a.gpu_gib, "dtype": a.dtype,
+        print(json.dumps({"params": shape.params, "gpu_gib": a.gpu_gib, "dtype": a.dtype, "job": verdict,
                           "stages": [{"stage": s.stage, "bytes": s.device_bytes, "fits": s.fits,
                                       "placement": s.placement, "terms": s.terms} for s in stages]}, indent=2))
     else:
         print(render(a.model, shape, stages, a.gpu_gib, a.dtype))
+        print(f"\nthis {a.method} job on one {a.gpu_gib:g} GiB GPU: {verdict}")
     return 0
 
 

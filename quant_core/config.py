@@ -23,6 +23,7 @@ CONFIG_VERSION = 1
 W_BITS = (2, 3, 4, 8, 16)  # 16 = weights not quantized
 A_BITS = (4, 8, 16)  # 16 = activations not quantized
 KV_BITS = (4, 8, 16)  # 16 = KV cache not quantized
+PLACEMENTS = ("auto", "whole", "layers")  # where the weights rest while a job runs (SpinQuantConfig.placement)
 STE_MODES = ("range", "identity")  # rotation-learning gradient through the fake quantizers (TrainConfig.ste)
 
 
@@ -246,6 +247,9 @@ class SpinQuantConfig:
     seed: int = 0
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
+    # auto: the whole model on the GPU when the plan says it fits, else weights in host RAM with one layer
+    # at a time on the GPU for evaluation and GPTQ; whole; layers (always offload)
+    placement: str = "auto"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -261,6 +265,7 @@ class SpinQuantConfig:
             raise ConfigError(f"device={self.device!r} is not valid; accepted: auto, cpu, cuda")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r} is not valid; accepted: auto, float32, bfloat16, float16")
+        _check_in(self.placement, PLACEMENTS, "placement")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is not supported; this build reads {CONFIG_VERSION}")
         rot = self.rotation.r1r2
@@ -434,11 +439,11 @@ def make_config(method: str | Method = Method.SPINQUANT, **overrides: Any) -> Sp
                 raise ConfigError("settings must be an object of dotted names to values")
             dotted.update(value)
             continue
-        if key in ("seed", "device", "dtype", "zero_shot_tasks"):
+        if key in ("seed", "device", "dtype", "zero_shot_tasks", "placement"):
             dotted[key] = value
             continue
         if key not in ALIASES:
-            accepted = ", ".join(sorted([*ALIASES, "seed", "device", "dtype", "zero_shot_tasks", "settings"]))
+            accepted = ", ".join(sorted([*ALIASES, "seed", "device", "dtype", "zero_shot_tasks", "placement", "settings"]))
             raise ConfigError(f"unknown setting {key!r}; accepted: {accepted}")
         targets = ALIASES[key]
         for path in targets if isinstance(targets, tuple) else (targets,):

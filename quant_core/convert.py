@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,12 +21,13 @@ from torch import Tensor, nn
 from .config import SpinQuantConfig, WeightAlgo
 from .gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
 from .models import DecoderLM, QuantRuntime, decoder_linears, layer_prefix
+from .placement import Placement, visiting
 from .progress import CancelFn, ProgressFn, check_cancel
 
 SEQUENTIAL_GROUPS = (("k_proj", "v_proj", "q_proj"), ("o_proj",), ("up_proj", "gate_proj"), ("down_proj",))
 
 
-def _quantize_one(lin: nn.Linear, cfg: SpinQuantConfig, hessian: Tensor | None) -> GPTQResult:
+def _quantize_one(lin: nn.Linear, cfg: SpinQuantConfig, hessian: Tensor | None, offload: bool = False) -> GPTQResult:
     wq = cfg.weights
     scale_dtype = lin.weight.dtype  # scales are stored in the model dtype, so round them to it first
     w = lin.weight.detach().float()
@@ -37,9 +39,15 @@ def _quantize_one(lin: nn.Linear, cfg: SpinQuantConfig, hessian: Tensor | None) 
         res = gptq_quantize(w, hessian, bits=wq.bits, group_size=wq.group_size, sym=wq.sym, mse_clip=wq.mse_clip,
                             damp=g.damp, block_size=g.block_size, act_order=g.act_order,
                             static_groups=g.static_groups, scale_dtype=scale_dtype)
+    assert res.weight is not None
     with torch.no_grad():
         lin.weight.copy_(res.weight.to(lin.weight.dtype))
-    return res
+    # The model now holds the dequantized weight; keep only the integer form (host memory when the
+    # weights are offloaded, since the GPU holds one layer at a time).
+    store = "cpu" if offload else res.q.device
+    return replace(res, weight=None, q=res.q.to(store), scale=res.scale.to(store),
+                   zero=None if res.zero is None else res.zero.to(store), g_idx=res.g_idx.to(store),
+                   perm=None if res.perm is None else res.perm.to(store))
 
 
 @torch.no_grad()
@@ -58,6 +66,7 @@ def quantize_weights(
     progress: ProgressFn,
     should_cancel: CancelFn,
     micro_batch: int = 8,
+    placement: Placement | None = None,
 ) -> dict[str, GPTQResult]:
     """Quantize every decoder linear in place (dequantized values stay in the weights) and return the
     integer results keyed by checkpoint prefix, e.g. ``model.layers.0.self_attn.q_proj``.
@@ -65,42 +74,57 @@ def quantize_weights(
     Args:
         calib: (N, L) calibration windows; required for GPTQ, ignored for RTN.
         rt_calib: the runtime during calibration (R4 online, no activation/KV quantization).
+        placement: with ``offload`` the weights rest in host memory and each layer visits the compute
+            device for its turn (the calibration hidden states stay on the compute device).
     """
     arch = model.arch
+    place = placement or Placement(str(model.lm_head.weight.device))
     results: dict[str, GPTQResult] = {}
     progress("quantize", 0.0, {"layer": 0, "of": arch.n_layers})  # marks the stage's start for timings
     if cfg.weights.algo is WeightAlgo.RTN:
         for i in range(arch.n_layers):
             check_cancel(should_cancel, f"quantizing layer {i + 1}/{arch.n_layers}")
-            for name, lin in decoder_linears(model, i).items():
-                results[layer_prefix(name, i)] = _quantize_one(lin, cfg, None)
+            with visiting(model.model.layers[i], place):
+                for name, lin in decoder_linears(model, i).items():
+                    results[layer_prefix(name, i)] = _quantize_one(lin, cfg, None, place.offload)
             progress("quantize", (i + 1) / arch.n_layers, {"layer": i + 1, "of": arch.n_layers})
         return results
 
     assert calib is not None and calib.ndim == 2, "GPTQ needs (N, L) calibration windows"
-    device = model.lm_head.weight.device
-    h = torch.cat([model.embed(calib[s : s + micro_batch].to(device)) for s in range(0, calib.shape[0], micro_batch)])
+    device = torch.device(place.compute)
+    with visiting(model.model.embed_tokens, place):
+        h = torch.cat([model.embed(calib[s : s + micro_batch].to(device))
+                       for s in range(0, calib.shape[0], micro_batch)])
     for i in range(arch.n_layers):
         check_cancel(should_cancel, f"quantizing layer {i + 1}/{arch.n_layers}")
-        linears = decoder_linears(model, i)
-        loss: dict[str, Any] = {}
-        for group in SEQUENTIAL_GROUPS:
-            accs = {name: HessianAccumulator(linears[name].in_features, device) for name in group}
-            hooks = [
-                linears[name].register_forward_hook(
-                    lambda _m, inp, _out, acc=accs[name]: acc.add_batch(inp[0].detach().float())
-                )
-                for name in group
-            ]
-            try:
-                _layer_forward(model, i, h, rt_calib, micro_batch)
-            finally:
-                for hk in hooks:
-                    hk.remove()
-            for name in group:
-                res = _quantize_one(linears[name], cfg, accs[name].hessian)
-                results[layer_prefix(name, i)] = res
-                loss[name] = res.loss
-        h = _layer_forward(model, i, h, rt_calib, micro_batch)  # outputs of the quantized layer
+        with visiting(model.model.layers[i], place):
+            loss = _gptq_layer(model, i, h, cfg, rt_calib, micro_batch, place, results)
+            h = _layer_forward(model, i, h, rt_calib, micro_batch)  # outputs of the quantized layer
         progress("quantize", (i + 1) / arch.n_layers, {"layer": i + 1, "of": arch.n_layers, "gptq_loss": loss})
     return results
+
+
+def _gptq_layer(model: DecoderLM, i: int, h: Tensor, cfg: SpinQuantConfig, rt_calib: QuantRuntime | None,
+                micro_batch: int, place: Placement, results: dict[str, GPTQResult]) -> dict[str, Any]:
+    """GPTQ the sub-groups of layer i in order, each Hessian collected with the earlier groups quantized;
+    adds the results and returns each linear's GPTQ loss."""
+    linears = decoder_linears(model, i)
+    loss: dict[str, Any] = {}
+    for group in SEQUENTIAL_GROUPS:
+        accs = {name: HessianAccumulator(linears[name].in_features, torch.device(place.compute)) for name in group}
+        hooks = [
+            linears[name].register_forward_hook(
+                lambda _m, inp, _out, acc=accs[name]: acc.add_batch(inp[0].detach().float())
+            )
+            for name in group
+        ]
+        try:
+            _layer_forward(model, i, h, rt_calib, micro_batch)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        for name in group:
+            res = _quantize_one(linears[name], cfg, accs[name].hessian, place.offload)
+            results[layer_prefix(name, i)] = res
+            loss[name] = res.loss
+    return loss

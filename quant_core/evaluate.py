@@ -17,18 +17,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import DecoderLM
+from .placement import Placement, offloaded_logits
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 
 
-@torch.no_grad()
-def window_nll(model: DecoderLM, ids: Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of a (B, L) batch and the number of predicted tokens."""
-    logits = model(ids)
+def logits_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of (B, L, V) logits for (B, L) ids, and the number of predicted tokens."""
     # (B, L-1, V) -> (B*(L-1), V): position t predicts token t+1
     nll = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
     )
     return float(nll.double()), ids[:, 1:].numel()
+
+
+@torch.no_grad()
+def window_nll(model: DecoderLM, ids: Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of a (B, L) batch and the number of predicted tokens."""
+    return logits_nll(model(ids), ids)
 
 
 def perplexity(
@@ -39,19 +44,32 @@ def perplexity(
     progress: ProgressFn = no_progress,
     should_cancel: CancelFn = never_cancel,
     stage: str = "evaluate",
+    placement: Placement | None = None,
 ) -> float:
     """exp(mean NLL) of ``model`` over (N, L) windows, batched to about ``batch_tokens`` tokens.
 
     Args:
         model: the model with whatever ``model.quant`` the caller set.
         windows: (N, L) token ids from :func:`calibration.eval_windows`.
-        progress: called after every batch with {"windows": done, "of": N}.
+        progress: called after every batch with {"windows": done, "of": N} (with offload: after every
+            layer with {"layer": i, "of": n_layers}).
+        placement: with ``offload`` the weights stay in host memory and visit the compute device one
+            layer at a time (quant_core.placement); same batches, same value.
     """
     assert windows.ndim == 2 and windows.shape[0] > 0, f"windows must be (N, L), got {tuple(windows.shape)}"
-    device = model.lm_head.weight.device
     batch = max(1, batch_tokens // windows.shape[1])
     total, count = 0.0, 0
     progress(stage, 0.0, {"windows": 0, "of": windows.shape[0]})  # marks the stage's start for timings
+    if placement is not None and placement.offload:
+        batches = [windows[s : s + batch] for s in range(0, windows.shape[0], batch)]
+        logits = offloaded_logits(model, batches, placement, progress=progress, should_cancel=should_cancel,
+                                  stage=stage)
+        for ids, lg in zip(batches, logits):
+            nll, n = logits_nll(lg, ids.to(lg.device))
+            total, count = total + nll, count + n
+        progress(stage, 1.0, {"windows": windows.shape[0], "of": windows.shape[0]})
+        return math.exp(total / count)
+    device = model.lm_head.weight.device
     for start in range(0, windows.shape[0], batch):
         check_cancel(should_cancel, stage)
         nll, n = window_nll(model, windows[start : start + batch].to(device))

@@ -73,7 +73,9 @@ class HessianAccumulator:
 class GPTQResult:
     """Quantized weight in export-ready form; all tensors on the weight's device."""
 
-    weight: Tensor  # (out, in) float32, dequantized; == dequantize_weight_gidx(q, scale, zero, g_idx)
+    # (out, in) float32, dequantized; == dequantize_weight_gidx(q, scale, zero, g_idx). None once
+    # convert.quantize_weights has written it into the model (it keeps only the integer form).
+    weight: Tensor | None
     q: Tensor  # (out, in) int8 codes (uint8 for asymmetric 8-bit), original column order
     scale: Tensor  # (out, n_groups) float32, exactly representable in scale_dtype if given
     zero: Tensor | None  # (out, n_groups) integer-valued float32, None when symmetric

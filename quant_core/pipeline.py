@@ -34,7 +34,8 @@ from .learn import train_rotations
 from .models import (
     ArchSpec, DecoderLM, ModelError, QuantRuntime, arch_from_config, load_model, resolve_model, weight_files,
 )
-from .plan import refusal as memory_refusal
+from .placement import Placement, offloaded_logits
+from .plan import decide as placement_decision
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 from .rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
 
@@ -132,7 +133,9 @@ def _peak_rss_mb() -> float:
 
 
 @torch.no_grad()
-def _logits(model: DecoderLM, ids: Tensor) -> Tensor:
+def _logits(model: DecoderLM, ids: Tensor, place: Placement) -> Tensor:
+    if place.offload:
+        return next(iter(offloaded_logits(model, [ids], place))).float().cpu()
     return model(ids.to(model.lm_head.weight.device)).float().cpu()
 
 
@@ -163,11 +166,14 @@ def quantize_model(
     src = resolve_model(model_ref, revision, cache_dir)
     arch = arch_from_config(src.config)
     plans = validate_environment(cfg, arch)
-    if device == "cuda":  # one device runs every stage: refuse a job that cannot fit before spending GPU time
-        why = memory_refusal(src.config, cfg, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
-                             str(dtype).removeprefix("torch."))
-        if why:
-            raise ConfigError(why)
+    # Place the job before spending GPU time: the whole model on the device, or weights in host RAM with one
+    # layer at a time on the device (quant_core.placement); refused when neither fits. On the CPU nothing is
+    # short of memory, and placement=layers runs the same offload path with host and compute one device.
+    gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if device == "cuda" else 1 << 62
+    decision = placement_decision(src.config, cfg, gpu_bytes, str(dtype).removeprefix("torch."))
+    if decision.refusal:
+        raise ConfigError(decision.refusal)
+    place = Placement(device, offload=decision.offload)
     weight_files(src.path)  # refuse pickle-only or missing weights before reading any text
     tokenizer = load_tokenizer(src.path)
     eval_tokens = encode(tokenizer, load_text(cfg.eval.source, "test"), bos=False)
@@ -177,15 +183,16 @@ def quantize_model(
     # Tokenised once: learning uses it as is (no BOS), GPTQ calibration with one BOS in front (§6, §8).
     calib_tokens = encode(tokenizer, load_text(cfg.calib.source, "train")) if (needs_calib or learning) else None
     check_cancel(should_cancel, "load")
-    model = load_model(src, dtype=dtype, device=device)
+    model = load_model(src, dtype=dtype, device="cpu" if place.offload else device)
     timings["load"] = time.perf_counter() - t0
     progress("load", 1.0, {"model": model_ref, "family": arch.family, "layers": arch.n_layers})
 
     # -- FP perplexity on exactly the windows the quantized model will see -------------------------
     t0 = time.perf_counter()
-    fp_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate_fp")
+    fp_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate_fp",
+                        placement=place)
     probe = windows[:1]
-    fp_logits = _logits(model, probe)
+    fp_logits = _logits(model, probe, place)
     zero_shot: dict[str, Any] = {}
     if cfg.zero_shot_tasks:
         zero_shot["fp"] = evaluate_zero_shot(model, tokenizer, list(cfg.zero_shot_tasks))
@@ -229,7 +236,7 @@ def quantize_model(
         assert r1 is not None
         merge_rotations(model, r1, r2s)
         model.quant = build_runtime(cfg, arch, plans, a_bits=16, kv_bits=16)  # online R3/R4 only
-        invariance = float((_logits(model, probe) - fp_logits).abs().max())
+        invariance = float((_logits(model, probe, place) - fp_logits).abs().max())
     qweights: dict[str, GPTQResult] = {}
     if cfg.weights.bits < 16:
         calib = None
@@ -238,14 +245,15 @@ def quantize_model(
             calib = calibration_windows(with_bos(tokenizer, calib_tokens), cfg.calib.samples, cfg.calib.seq_len,
                                         cfg.seed)
         rt_calib = QuantRuntime(r4=plans.r4)  # full-precision activations, R4 active (§8)
-        qweights = quantize_weights(model, cfg, calib, rt_calib, progress, should_cancel)
+        qweights = quantize_weights(model, cfg, calib, rt_calib, progress, should_cancel, placement=place)
     timings["quantize"] = time.perf_counter() - t0
 
     # -- evaluate the model exactly as it will be exported -----------------------------------------------
     t0 = time.perf_counter()
     runtime = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
     model.quant = runtime
-    quant_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate")
+    quant_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate",
+                           placement=place)
     if cfg.zero_shot_tasks:
         zero_shot["quant"] = evaluate_zero_shot(model, tokenizer, list(cfg.zero_shot_tasks))
     timings["evaluate"] += time.perf_counter() - t0
@@ -257,7 +265,8 @@ def quantize_model(
         "scheme": cfg.scheme,
         "settings": config_to_dict(cfg),
         "model": {"id": src.model_id, "revision": src.revision, "family": arch.family, "untied": arch.tied,
-                  "dtype": str(dtype).replace("torch.", ""), "device": device},
+                  "dtype": str(dtype).replace("torch.", ""), "device": device,
+                  "placement": "layer-wise offload" if place.offload else "whole model on the device"},
         "fp_ppl": fp_ppl,
         "quant_ppl": quant_ppl,
         "eval": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),

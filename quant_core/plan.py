@@ -12,6 +12,9 @@ fits one GPU and, when it does not, how much it must be split:
   and the Hessians of one sequential group (float32), plus a Cholesky workspace of the largest;
 - export: host memory for the model and its packed copy.
 
+`decide` turns the plan into the pipeline's placement on one GPU: the whole model, layer-wise offload
+(quant_core.placement), or a refusal before any weights reach the GPU.
+
 Torch-free: it runs on the API host too.
 """
 
@@ -175,18 +178,55 @@ def render(name: str, s: Shape, stages: list[StageMemory], gpu_gib: float, dtype
     return "\n".join(lines)
 
 
-def refusal(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, dtype: str = "bfloat16") -> str | None:
-    """Why this job cannot run on one GPU of ``gpu_bytes`` (None when every stage fits).
+@dataclass(frozen=True)
+class Decision:
+    """How the pipeline places a job on one GPU: the whole model, layer-wise offload, or a refusal."""
 
-    The pipeline runs every stage on one device; offloading and FSDP are what the plan says a larger
-    model would need, and they are not implemented, so such a job is refused before any GPU time is spent.
+    offload: bool  # weights in host RAM, one decoder layer at a time on the GPU (evaluation, GPTQ)
+    refusal: str | None = None  # why the job cannot run on this GPU (None: it can)
+
+
+def decide(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, dtype: str = "bfloat16") -> Decision:
+    """Place a job on one GPU of ``gpu_bytes`` from its plan and ``cfg.placement``.
+
+    - every stage fits and placement is auto or whole: the whole model on the GPU;
+    - placement layers, or auto with a stage that fits only with offload: layer-wise offload;
+    - refused: a stage that does not fit even with offload, placement whole when something does not fit,
+      and rotation learning or zero-shot evaluation when the model needs offload (learning backpropagates
+      through every layer at once: the plan names the FSDP split it would take, which is not implemented).
     """
     _, stages = plan(model_config, cfg, gpu_gib=gpu_bytes / GiB, dtype=dtype)
     over = [s for s in stages if not s.fits]
+    gib = f"{gpu_bytes / GiB:.0f} GiB"
+    hint = "python -m quant_core plan MODEL shows every stage"
     if not over:
-        return None
-    worst = max(over, key=lambda s: s.device_bytes)
-    return (f"this model does not fit one {gpu_bytes / GiB:.0f} GiB GPU: {worst.stage} needs "
-            f"{worst.device_bytes / GiB:.1f} GiB (it would need {worst.placement}); stages over the limit: "
-            f"{', '.join(s.stage for s in over)}. Use a larger GPU, or lower seq_len / calib_samples "
-            f"(python -m quant_core plan MODEL shows every stage)")
+        offload = cfg.placement == "layers"
+    else:
+        worst = max(over, key=lambda s: s.device_bytes)
+        summary = (f"this model does not fit one {gib} GPU: {worst.stage} needs {worst.device_bytes / GiB:.1f} GiB "
+                   f"(it would need {worst.placement}); stages over the limit: {', '.join(s.stage for s in over)}")
+        if cfg.placement == "whole":
+            return Decision(False, f"{summary}. placement=whole keeps every weight on the GPU; use placement=auto "
+                                   f"for layer-wise offload, or a larger GPU ({hint})")
+        learn = [s for s in over if s.stage == "learn"]
+        if learn:
+            return Decision(False, f"{summary}. Rotation learning needs the whole model on one GPU (multi-GPU FSDP "
+                                   f"is not implemented): use method quarot (random Hadamard, no learning), a larger "
+                                   f"GPU, or a lower seq_len / micro_batch ({hint})")
+        stuck = [s for s in over if not s.placement.startswith("offload")]
+        if stuck:
+            return Decision(False, f"{summary}. Lower seq_len or calib_samples, or use a larger GPU ({hint})")
+        offload = True
+    if offload and cfg.rotation.r1r2.value == "learned" and cfg.train.steps > 0:
+        return Decision(True, f"rotation learning needs the whole model on one {gib} GPU, and this job is placed "
+                              f"with layer-wise offload; use method quarot (random Hadamard, no learning), "
+                              f"placement=whole on a GPU it fits, or a larger GPU ({hint})")
+    if offload and cfg.zero_shot_tasks:
+        return Decision(True, "zero-shot evaluation runs the whole model at once and is not available with "
+                              "layer-wise offload; drop zero_shot_tasks or use a larger GPU")
+    return Decision(offload)
+
+
+def refusal(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, dtype: str = "bfloat16") -> str | None:
+    """Why this job cannot run on one GPU of ``gpu_bytes``, None when it can (see :func:`decide`)."""
+    return decide(model_config, cfg, gpu_bytes, dtype).refusal

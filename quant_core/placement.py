@@ -1,0 +1,81 @@
+"""Layer-wise offload: the weights rest in host memory and each decoder layer visits the GPU for its turn.
+
+A model whose weights do not fit one GPU can still be evaluated and GPTQ-quantized there, because both
+go layer by layer: the hidden states of every window pass through layer i before layer i+1 is needed.
+``python -m quant_core plan`` says when a job needs this ("offload: N GiB on GPU"); the pipeline then
+loads the model into host memory and runs those stages through :func:`visiting` and
+:func:`offloaded_logits`. Rotation learning backpropagates through every layer at once, so it still
+needs the whole model on one device (the plan names the FSDP split it would take).
+
+Example:
+    >>> place = Placement("cuda", offload=True)
+    >>> for logits in offloaded_logits(model, batches, place): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a stage computes, and whether the weights rest in host memory between layers."""
+
+    compute: str  # "cuda" or "cpu": where the matmuls run
+    offload: bool = False  # True: weights live on the CPU and visit `compute` one layer at a time
+
+
+@contextmanager
+def visiting(module: nn.Module, place: Placement) -> Iterator[nn.Module]:
+    """Move ``module`` to the compute device for the block and back to host memory after it
+    (also on an exception, so a cancelled stage leaves no layer behind on the GPU). No-op without offload."""
+    if not place.offload:
+        yield module
+        return
+    module.to(place.compute)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
+@torch.no_grad()
+def offloaded_logits(
+    model: nn.Module,
+    batches: Sequence[Tensor],
+    place: Placement,
+    *,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelFn = never_cancel,
+    stage: str = "evaluate",
+) -> Iterator[Tensor]:
+    """Logits of each (B, L) id batch, computed layer by layer with every batch's hidden state kept in
+    host memory between layers. The same operations on the same batches as ``model(ids)``, so the
+    values are identical; only where the weights sit differs.
+
+    Yields (B, L, V) logits on the compute device, one per batch, after the last layer has run.
+    ``progress(stage, fraction, {"layer": i, "of": n})`` is called after every layer.
+    """
+    dev = torch.device(place.compute)
+    store = torch.device("cpu") if place.offload else dev
+    n_layers = len(model.model.layers)
+    with visiting(model.model.embed_tokens, place):
+        hidden = [model.embed(ids.to(dev)).to(store) for ids in batches]  # each (B, L, d)
+    cos, sin = model.rope(batches[0].shape[1], dev, hidden[0].dtype)
+    for i, layer in enumerate(model.model.layers):
+        check_cancel(should_cancel, f"{stage}: layer {i + 1}/{n_layers}")
+        with visiting(layer, place):
+            hidden = [layer(h.to(dev), cos, sin, model.quant).to(store) for h in hidden]
+        progress(stage, (i + 1) / (n_layers + 1), {"layer": i + 1, "of": n_layers})
+    with visiting(model.model.norm, place), visiting(model.lm_head, place):
+        for h in hidden:
+            yield model.head(h.to(dev))
+
+
+__all__ = ["Placement", "offloaded_logits", "visiting"]

@@ -1,0 +1,136 @@
+"""Layer-wise offload: the same numbers as the whole-model path, and the placement decision from the plan.
+
+On this CPU-only machine the compute device and host memory are one device, so these tests check that the
+offload path computes exactly what the whole-model path computes (same batches, same operations) and
+that nothing is left behind; the GPU memory figure needs a CUDA machine (the cuda-marked test).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quant_core.config import ConfigError, make_config
+from quant_core.evaluate import perplexity
+from quant_core.models import QuantRuntime, load_model, resolve_model
+from quant_core.pipeline import quantize_model
+from quant_core.placement import Placement, offloaded_logits, visiting
+from quant_core.plan import decide
+from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
+
+GiB = 1 << 30
+CONFIGS = MODELS.parent / "configs"
+SMALL = dict(seq_len=128, calib_samples=8, eval_windows=6, calib_source=f"file:{TRAIN_TEXT}",
+             eval_source=f"file:{TEST_TEXT}", device="cpu")
+
+
+def _llama_config(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def test_offloaded_logits_equal_the_whole_forward() -> None:
+    model = load_model(resolve_model(str(MODELS / "llama-tiny")))
+    model.quant = QuantRuntime(a_bits=4, kv_bits=4)
+    ids = torch.randint(0, 1024, (3, 64), generator=torch.Generator().manual_seed(0))
+    batches = [ids[:2], ids[2:]]
+    with torch.no_grad():
+        whole = [model(b) for b in batches]
+    seen: list[int] = []
+    streamed = list(offloaded_logits(model, batches, Placement("cpu", offload=True),
+                                     progress=lambda stage, f, info: seen.append(info["layer"])))
+    assert all(torch.equal(a, b) for a, b in zip(whole, streamed))
+    assert seen == [1, 2, 3, 4]  # one progress call per layer
+
+
+def test_offloaded_perplexity_equals_the_whole_model_path() -> None:
+    model = load_model(resolve_model(str(MODELS / "llama-tiny")))
+    model.quant = QuantRuntime(a_bits=4, kv_bits=4)
+    windows = torch.randint(4, 1024, (5, 96), generator=torch.Generator().manual_seed(1))
+    whole = perplexity(model, windows, batch_tokens=192)
+    streamed = perplexity(model, windows, batch_tokens=192, placement=Placement("cpu", offload=True))
+    assert streamed == whole
+
+
+def test_visiting_returns_the_module_home_after_an_exception() -> None:
+    lin = torch.nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with visiting(lin, Placement("cpu", offload=True)):
+            raise RuntimeError("boom")
+    assert lin.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("method", ["quarot", "gptq"])
+def test_pipeline_with_layer_offload_reports_the_same_numbers(method: str) -> None:
+    """placement=layers runs load, FP evaluation, GPTQ and evaluation through the offload path."""
+    whole = quantize_model(str(MODELS / "llama-tiny"), make_config(method, w_bits=4, a_bits=4, kv_bits=4, **SMALL))
+    layers = quantize_model(str(MODELS / "llama-tiny"),
+                            make_config(method, w_bits=4, a_bits=4, kv_bits=4, placement="layers", **SMALL))
+    assert layers.report["model"]["placement"] == "layer-wise offload"
+    assert whole.report["model"]["placement"] == "whole model on the device"
+    assert layers.report["fp_ppl"] == whole.report["fp_ppl"]
+    assert layers.report["quant_ppl"] == whole.report["quant_ppl"]
+    for key, res in whole.qweights.items():
+        assert res.weight is None  # only the integer form is kept once the model holds the weight
+        assert torch.equal(res.q, layers.qweights[key].q) and torch.equal(res.scale, layers.qweights[key].scale)
+
+
+def test_learning_with_layer_offload_is_refused_before_work() -> None:
+    with pytest.raises(ConfigError, match="rotation learning needs the whole model on one"):
+        quantize_model(str(MODELS / "llama-tiny"), make_config("spinquant", w_bits=4, a_bits=4, placement="layers", **SMALL))
+
+
+def test_placement_decision_for_llama_3_on_one_80gb_gpu() -> None:
+    """8B: everything on the GPU. 70B: quarot/gptq run with layer-wise offload; learning is refused (FSDP)."""
+    w4a4 = dict(w_bits=4, a_bits=4, kv_bits=4)
+    d8 = decide(_llama_config("llama-3-8b"), make_config("spinquant", **w4a4), 80 * GiB)
+    assert not d8.offload and d8.refusal is None
+    d70 = decide(_llama_config("llama-3-70b"), make_config("quarot", **w4a4), 80 * GiB)
+    assert d70.offload and d70.refusal is None
+    d70g = decide(_llama_config("llama-3-70b"), make_config("gptq", w_bits=4), 80 * GiB)
+    assert d70g.offload and d70g.refusal is None
+    learn = decide(_llama_config("llama-3-70b"), make_config("spinquant", **w4a4), 80 * GiB)
+    assert learn.refusal and "FSDP" in learn.refusal and "quarot" in learn.refusal
+    whole = decide(_llama_config("llama-3-70b"), make_config("quarot", placement="whole", **w4a4), 80 * GiB)
+    assert whole.refusal and "placement=whole" in whole.refusal
+    tiny = decide(_llama_config("llama-3-70b"), make_config("quarot", **w4a4), 2 * GiB)
+    assert tiny.refusal and "does not fit" in tiny.refusal
+
+
+def test_bad_placement_is_refused() -> None:
+    with pytest.raises(ConfigError, match="placement='disk' is not valid; accepted: auto, whole, layers"):
+        make_config("quarot", placement="disk")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_offload_has_one_layer_on_the_gpu_at_a_time() -> None:
+    model = load_model(resolve_model(str(MODELS / "llama-tiny")))
+    windows = torch.randint(4, 1024, (4, 128), generator=torch.Generator().manual_seed(2))
+    ref = perplexity(model, windows)
+    on_gpu: list[int] = []
+    hooks = [layer.register_forward_pre_hook(
+        lambda _m, _a: on_gpu.append(sum(p.is_cuda for l in model.model.layers for p in l.parameters())))
+        for layer in model.model.layers]
+    got = perplexity(model, windows, placement=Placement("cuda", offload=True))
+    for h in hooks:
+        h.remove()
+    per_layer = len(list(model.model.layers[0].parameters()))
+    assert on_gpu and max(on_gpu) == per_layer  # the visiting layer's tensors, no other layer's
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert abs(got - ref) / ref < 1e-4
+
+
+def test_plan_cli_prints_the_job_placement() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cfg = str(CONFIGS / "llama-3-70b.json")
+    out = subprocess.run([sys.executable, "-m", "quant_core", "plan", cfg, "--method", "quarot", "--w-bits", "4",
+                          "--a-bits", "4", "--kv-bits", "4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "this quarot job on one 80 GiB GPU: layer-wise offload" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "quant_core", "plan", cfg, "--json"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["job"].startswith("refused: ")
