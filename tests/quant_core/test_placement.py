@@ -103,6 +103,7 @@ def test_bad_placement_is_refused() -> None:
         make_config("quarot", placement="disk")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_offload_has_one_layer_on_the_gpu_at_a_time() -> None:
     model = load_model(resolve_model(str(MODELS / "llama-tiny")))
