@@ -266,6 +266,12 @@ class SpinQuantConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r} is not valid; accepted: auto, float32, bfloat16, float16")
         _check_in(self.placement, PLACEMENTS, "placement")
+        if self.placement == "layers" and self.rotation.r1r2 is Rotation.LEARNED and self.train.steps > 0:
+            raise ConfigError("placement='layers' cannot learn rotations (learning needs the whole model on one "
+                              "device); accepted: placement auto or whole, or a method without learning (quarot)")
+        if self.placement == "layers" and self.zero_shot_tasks:
+            raise ConfigError("placement='layers' cannot run zero-shot tasks; accepted: placement auto or whole, "
+                              "or no zero_shot_tasks")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is not supported; this build reads {CONFIG_VERSION}")
         rot = self.rotation.r1r2

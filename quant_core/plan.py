@@ -218,9 +218,10 @@ def decide(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, d
             return Decision(False, f"{summary}. Lower seq_len or calib_samples, or use a larger GPU ({hint})")
         offload = True
     if offload and cfg.rotation.r1r2.value == "learned" and cfg.train.steps > 0:
-        return Decision(True, f"rotation learning needs the whole model on one {gib} GPU, and this job is placed "
-                              f"with layer-wise offload; use method quarot (random Hadamard, no learning), "
-                              f"placement=whole on a GPU it fits, or a larger GPU ({hint})")
+        # (placement=layers with learning is refused by the config itself)
+        return Decision(True, f"rotation learning needs the whole model on one device, and this model needs "
+                              f"layer-wise offload on one {gib} GPU; use method quarot (random Hadamard, no "
+                              f"learning) or a larger GPU ({hint})")
     if offload and cfg.zero_shot_tasks:
         return Decision(True, "zero-shot evaluation runs the whole model at once and is not available with "
                               "layer-wise offload; drop zero_shot_tasks or use a larger GPU")

@@ -76,9 +76,12 @@ def test_pipeline_with_layer_offload_reports_the_same_numbers(method: str) -> No
         assert torch.equal(res.q, layers.qweights[key].q) and torch.equal(res.scale, layers.qweights[key].scale)
 
 
-def test_learning_with_layer_offload_is_refused_before_work() -> None:
-    with pytest.raises(ConfigError, match="rotation learning needs the whole model on one"):
-        quantize_model(str(MODELS / "llama-tiny"), make_config("spinquant", w_bits=4, a_bits=4, placement="layers", **SMALL))
+def test_learning_or_zero_shot_with_layer_offload_is_refused_at_config_time() -> None:
+    with pytest.raises(ConfigError, match="placement='layers' cannot learn rotations"):
+        make_config("spinquant", w_bits=4, a_bits=4, placement="layers", **SMALL)
+    with pytest.raises(ConfigError, match="placement='layers' cannot run zero-shot tasks"):
+        make_config("quarot", w_bits=4, placement="layers", zero_shot_tasks=["piqa"])
+    assert make_config("spinquant", w_bits=4, a_bits=4, steps=0, placement="layers").placement == "layers"
 
 
 def test_placement_decision_for_llama_3_on_one_80gb_gpu() -> None:
