@@ -101,6 +101,15 @@ def test_placement_decision_for_llama_3_on_one_80gb_gpu() -> None:
     assert tiny.refusal and "does not fit" in tiny.refusal
 
 
+def test_placement_decision_when_only_evaluation_needs_offload() -> None:
+    """8B on a 26 GiB GPU: learning (22.5 GiB) would fit but evaluation (28 GiB) needs offload, and one job
+    cannot be both, so spinquant is refused while quarot runs with offload."""
+    w4a4 = dict(w_bits=4, a_bits=4, kv_bits=4)
+    assert decide(_llama_config("llama-3-8b"), make_config("quarot", **w4a4), 26 * GiB).offload
+    learn = decide(_llama_config("llama-3-8b"), make_config("spinquant", **w4a4), 26 * GiB)
+    assert learn.refusal and "needs layer-wise offload on one 26 GiB GPU" in learn.refusal
+
+
 def test_bad_placement_is_refused() -> None:
     with pytest.raises(ConfigError, match="placement='disk' is not valid; accepted: auto, whole, layers"):
         make_config("quarot", placement="disk")
