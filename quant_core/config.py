@@ -266,9 +266,9 @@ class SpinQuantConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r} is not valid; accepted: auto, float32, bfloat16, float16")
         _check_in(self.placement, PLACEMENTS, "placement")
-        if self.placement == "layers" and self.rotation.r1r2 is Rotation.LEARNED and self.train.steps > 0:
-            raise ConfigError("placement='layers' cannot learn rotations (learning needs the whole model on one "
-                              "device); accepted: placement auto or whole, or a method without learning (quarot)")
+        if self.placement == "layers" and self.rotation.r1r2 is Rotation.LEARNED and not self.train.checkpoint_layers:
+            raise ConfigError("placement='layers' learns with each layer recomputed in backward; accepted: "
+                              "train.checkpoint_layers=true (the default) with placement layers")
         if self.placement == "layers" and self.zero_shot_tasks:
             raise ConfigError("placement='layers' cannot run zero-shot tasks; accepted: placement auto or whole, "
                               "or no zero_shot_tasks")

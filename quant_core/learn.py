@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from .cayley import cayley_step, cosine_lr, orthogonality_error, reorthonormalize
 from .config import SpinQuantConfig
 from .models import DecoderLM
+from .placement import Placement, visiting
 from .progress import CancelFn, ProgressFn, check_cancel
 from .quantizers import fake_quant_weight
 from .rotation import layer_tensors, rotate_layer
@@ -70,22 +71,30 @@ def rotated_params(model: DecoderLM, r1: Tensor, r2s: list[Tensor], w_bits: int,
 
 
 def learning_forward(model: DecoderLM, ids: Tensor, r1: Tensor, r2s: list[Tensor], w_bits: int,
-                     cfg: SpinQuantConfig, checkpoint_layers: bool) -> Tensor:
+                     cfg: SpinQuantConfig, checkpoint_layers: bool, place: Placement | None = None) -> Tensor:
     """Logits of the unmerged rotated model. With checkpointing, each layer's rotated weights and
-    activations are recomputed in backward, so memory holds one layer's float64 weights at a time."""
-    h = model.embed(ids, r1)
+    activations are recomputed in backward, so memory holds one layer's float64 weights at a time.
+
+    With ``place.offload`` (checkpointing required) the weights rest in host memory and each layer visits
+    the compute device twice per micro-batch: in the forward, and again when backward recomputes it."""
+    place = place or Placement(str(ids.device))
+    assert checkpoint_layers or not place.offload, "offloaded learning needs checkpoint_layers"
+    with visiting(model.model.embed_tokens, place):
+        h = model.embed(ids, r1)
     cos, sin = model.rope(ids.shape[1], ids.device, h.dtype)
 
     def run_layer(i: int, h: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
-        params = _layer_params(model, i, r1, r2, w_bits, cfg)
-        return functional_call(model.model.layers[i], params, (h, cos, sin, model.quant))
+        with visiting(model.model.layers[i], place):
+            params = _layer_params(model, i, r1, r2, w_bits, cfg)
+            return functional_call(model.model.layers[i], params, (h, cos, sin, model.quant))
 
     for i in range(model.arch.n_layers):
         if checkpoint_layers:
             h = checkpoint(run_layer, i, h, r1, r2s[i], use_reentrant=False)
         else:
             h = run_layer(i, h, r1, r2s[i])
-    return model.head(h, r1)
+    with visiting(model.model.norm, place), visiting(model.lm_head, place):
+        return model.head(h, r1)
 
 
 def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
@@ -102,6 +111,7 @@ def train_rotations(
     r2s: list[Tensor],
     progress: ProgressFn,
     should_cancel: CancelFn,
+    placement: Placement | None = None,
 ) -> LearnResult:
     """Learn R1 and all R2 for cfg.train.steps Cayley-SGD steps.
 
@@ -112,10 +122,14 @@ def train_rotations(
         r1, r2s: float64 initial rotations (random Hadamard).
         progress: called once per step with {"step", "loss", "grad_norm", "orth_error", "lr"}.
         should_cancel: checked before every step.
+        placement: with ``offload``, the weights stay in host memory and stream layer by layer
+            (learning_forward); needs train.checkpoint_layers.
     """
     tc = cfg.train
     assert blocks.ndim == 2 and blocks.shape[0] >= 1, f"blocks must be (N, L), got {tuple(blocks.shape)}"
-    device = model.lm_head.weight.device
+    device = torch.device(placement.compute) if placement is not None else model.lm_head.weight.device
+    if placement is not None and placement.offload and not tc.checkpoint_layers:
+        raise ValueError("learning with layer-wise offload needs train.checkpoint_layers=true")
     # Own copies: the Cayley update is in place and must not alter the caller's initial rotations.
     r1 = r1.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
     r2s = [r.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True) for r in r2s]
@@ -133,7 +147,7 @@ def train_rotations(
             idx = torch.arange(cursor, cursor + tc.micro_batch) % n
             cursor = (cursor + tc.micro_batch) % n
             ids = blocks[idx].to(device)
-            logits = learning_forward(model, ids, r1, r2s, w_bits, cfg, tc.checkpoint_layers)
+            logits = learning_forward(model, ids, r1, r2s, w_bits, cfg, tc.checkpoint_layers, placement)
             loss = lm_loss(logits, ids) / accum
             loss.backward()
             step_loss += float(loss.detach())

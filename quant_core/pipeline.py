@@ -222,7 +222,7 @@ def quantize_model(
         blocks = train_blocks(calib_tokens, cfg.train.samples, cfg.calib.seq_len)
         model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits, learning=True)
         try:
-            res = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel)
+            res = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel, placement=place)
         finally:
             model.quant = None
         r1, r2s, loss_curve = res.r1, res.r2s, res.loss_curve

@@ -4,8 +4,9 @@ A model whose weights do not fit one GPU can still be evaluated and GPTQ-quantiz
 go layer by layer: the hidden states of every window pass through layer i before layer i+1 is needed.
 ``python -m quant_core plan`` says when a job needs this ("offload: N GiB on GPU"); the pipeline then
 loads the model into host memory and runs those stages through :func:`visiting` and
-:func:`offloaded_logits`. Rotation learning backpropagates through every layer at once, so it still
-needs the whole model on one device (the plan names the FSDP split it would take).
+:func:`offloaded_logits`. Rotation learning streams too (quant_core.learn): with layer checkpointing each
+layer visits in the forward and again when backward recomputes it, so only one layer's weights (and the
+layer inputs saved by the checkpoints) are on the GPU at a time.
 
 Example:
     >>> place = Placement("cuda", offload=True)

@@ -134,13 +134,18 @@ def _placement(stage: str, need: int, usable: int, s: Shape, terms: dict[str, in
     if need <= usable:
         return True, "one GPU"
     if stage == "learn":
-        # FSDP shards the frozen weights (and the float64 layer copies) across k GPUs; activations stay per GPU.
+        # Offload: the frozen weights stay in host RAM; one layer visits (twice per micro-batch: forward and the
+        # checkpoint recompute), and the embedding and lm_head visit too (lm_head stays referenced until backward).
+        streamed = need - terms["weights (frozen)"] + s.layer_params * wb + 2 * s.vocab * s.hidden * wb
+        if streamed <= usable:
+            return False, f"offload: {streamed / GiB:.1f} GiB on GPU, weights in host RAM (each layer streamed twice per micro-batch)"
+        # FSDP would shard the frozen weights (and the float64 layer copies) across k GPUs; activations stay per GPU.
         sharded = terms["weights (frozen)"] + terms["one layer recomputed in float64 + its gradient"]
         rest = need - sharded
         if rest >= usable:
             return False, "does not fit even sharded: lower seq_len or micro_batch"
         k = math.ceil(sharded / (usable - rest))
-        return False, f"FSDP over {k} GPUs"
+        return False, f"FSDP over {k} GPUs (not implemented)"
     # Layer-wise offload: weights stay in host RAM and stream to the GPU one layer at a time.
     per_layer = need - terms.get("weights", 0) + s.layer_params * wb + s.vocab * s.hidden * wb
     if per_layer <= usable:
@@ -191,9 +196,9 @@ def decide(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, d
 
     - every stage fits and placement is auto or whole: the whole model on the GPU;
     - placement layers, or auto with a stage that fits only with offload: layer-wise offload;
-    - refused: a stage that does not fit even with offload, placement whole when something does not fit,
-      and rotation learning or zero-shot evaluation when the model needs offload (learning backpropagates
-      through every layer at once: the plan names the FSDP split it would take, which is not implemented).
+    - refused: a stage that does not fit even with offload (learning: the plan then names the FSDP split
+      it would take, which is not implemented), placement whole when something does not fit, learning with
+      offload but without layer checkpointing, and zero-shot evaluation when the model needs offload.
     """
     _, stages = plan(model_config, cfg, gpu_gib=gpu_bytes / GiB, dtype=dtype)
     over = [s for s in stages if not s.fits]
@@ -208,20 +213,15 @@ def decide(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, d
         if cfg.placement == "whole":
             return Decision(False, f"{summary}. placement=whole keeps every weight on the GPU; use placement=auto "
                                    f"for layer-wise offload, or a larger GPU ({hint})")
-        learn = [s for s in over if s.stage == "learn"]
-        if learn:
-            return Decision(False, f"{summary}. Rotation learning needs the whole model on one GPU (multi-GPU FSDP "
-                                   f"is not implemented): use method quarot (random Hadamard, no learning), a larger "
-                                   f"GPU, or a lower seq_len / micro_batch ({hint})")
         stuck = [s for s in over if not s.placement.startswith("offload")]
         if stuck:
-            return Decision(False, f"{summary}. Lower seq_len or calib_samples, or use a larger GPU ({hint})")
+            return Decision(False, f"{summary}. Lower seq_len, calib_samples or micro_batch, or use a larger GPU "
+                                   f"({hint})")
         offload = True
-    if offload and cfg.rotation.r1r2.value == "learned" and cfg.train.steps > 0:
-        # (placement=layers with learning is refused by the config itself)
-        return Decision(True, f"rotation learning needs the whole model on one device, and this model needs "
-                              f"layer-wise offload on one {gib} GPU; use method quarot (random Hadamard, no "
-                              f"learning) or a larger GPU ({hint})")
+    learning = cfg.rotation.r1r2.value == "learned" and cfg.train.steps > 0
+    if offload and learning and not cfg.train.checkpoint_layers:
+        return Decision(True, f"learning with layer-wise offload (needed on one {gib} GPU) recomputes each layer in "
+                              f"backward; set train.checkpoint_layers=true ({hint})")
     if offload and cfg.zero_shot_tasks:
         return Decision(True, "zero-shot evaluation runs the whole model at once and is not available with "
                               "layer-wise offload; drop zero_shot_tasks or use a larger GPU")
