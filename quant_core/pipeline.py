@@ -135,7 +135,8 @@ def _peak_rss_mb() -> float:
 @torch.no_grad()
 def _logits(model: DecoderLM, ids: Tensor, place: Placement) -> Tensor:
     if place.offload:
-        return next(iter(offloaded_logits(model, [ids], place))).float().cpu()
+        (logits,) = list(offloaded_logits(model, [ids], place))  # run to the end: lm_head goes home
+        return logits.float().cpu()
     return model(ids.to(model.lm_head.weight.device)).float().cpu()
 
 
