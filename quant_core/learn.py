@@ -128,8 +128,6 @@ def train_rotations(
     tc = cfg.train
     assert blocks.ndim == 2 and blocks.shape[0] >= 1, f"blocks must be (N, L), got {tuple(blocks.shape)}"
     device = torch.device(placement.compute) if placement is not None else model.lm_head.weight.device
-    if placement is not None and placement.offload and not tc.checkpoint_layers:
-        raise ValueError("learning with layer-wise offload needs train.checkpoint_layers=true")
     # Own copies: the Cayley update is in place and must not alter the caller's initial rotations.
     r1 = r1.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True)
     r2s = [r.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True) for r in r2s]

@@ -385,52 +385,47 @@ def fake_quant_act(
     d = x.shape[-1]
     g = d if group_size == -1 else group_size
     assert g > 0 and d % g == 0, f"group_size={group_size} must divide the last dim {d}"
-    xf = x.detach().float().reshape(*x.shape[:-1], d // g, g)  # (..., d) -> (..., d // g, g)
+    live = range_grad and x.requires_grad  # the scale keeps its graph only when its gradient is wanted
+    xg = (x if live else x.detach()).float().reshape(*x.shape[:-1], d // g, g)  # (..., d) -> (..., d // g, g)
+    xf = xg.detach()
+    qmin, qmax = _int_range(bits, sym=sym)
     if sym:
-        qmin, qmax = _int_range(bits, sym=True)
-        amax = clip_ratio * xf.abs().amax(-1, keepdim=True)  # (..., d // g, 1)
-        denom = (qmax - qmin) / 2 if half_range else qmax
-        s = (amax / denom).clamp_min(_ACT_FLOOR)
+        amax = clip_ratio * xg.abs().amax(-1, keepdim=True)  # (..., d // g, 1)
+        s_live = amax / ((qmax - qmin) / 2 if half_range else qmax)
+        s = s_live.detach().clamp_min(_ACT_FLOOR)
         z = None
     else:
-        qmin, qmax = _int_range(bits, sym=False)
-        lo = clip_ratio * xf.amin(-1, keepdim=True).clamp_max(0.0)  # (..., d // g, 1)
-        hi = clip_ratio * xf.amax(-1, keepdim=True).clamp_min(0.0)  # (..., d // g, 1)
+        lo = clip_ratio * xg.amin(-1, keepdim=True).clamp_max(0.0)  # (..., d // g, 1)
+        hi = clip_ratio * xg.amax(-1, keepdim=True).clamp_min(0.0)  # (..., d // g, 1)
         empty = (lo == 0) & (hi == 0)
-        lo = torch.where(empty, -1.0, lo)
+        lo = torch.where(empty, -1.0, lo)  # an all-zero group's range is a constant (no gradient)
         hi = torch.where(empty, 1.0, hi)
-        s = ((hi - lo) / qmax).clamp_min(_ACT_FLOOR)
-        z = torch.round(-lo / s)
+        s_live = (hi - lo) / qmax
+        s = s_live.detach().clamp_min(_ACT_FLOOR)
+        z = torch.round(-lo.detach() / s)
     q = _quant_elem(xf, s, z, qmin, qmax)
     x_hat = _dequant_elem(q, s, z)
-    if range_grad and x.requires_grad:
-        return _ste_with_scale(x, x_hat, xf, q, s, z, bits=bits, sym=sym, clip_ratio=clip_ratio,
-                               denom=((qmax - qmin) / 2 if half_range else qmax) if sym else qmax)
+    if live:
+        return _ste_with_scale(x, x_hat, xg, q, s, s_live, z, qmin, qmax)
     x_hat = x_hat.reshape(x.shape).to(x.dtype)  # (..., d // g, g) -> (..., d)
     return _ste(x, x_hat)
 
 
-def _ste_with_scale(x: Tensor, x_hat: Tensor, xf: Tensor, q: Tensor, s: Tensor, z: Tensor | None, *,
-                    bits: int, sym: bool, clip_ratio: float, denom: float) -> Tensor:
+def _ste_with_scale(x: Tensor, x_hat: Tensor, xg: Tensor, q: Tensor, s: Tensor, s_live: Tensor,
+                    z: Tensor | None, qmin: int, qmax: int) -> Tensor:
     """x_hat's exact value with gradient I + (∂x̂/∂s)·(∂s/∂x): see fake_quant_act(range_grad=True).
 
-    xf, x_hat, q, s, z are the grouped (..., d // g, g) float tensors fake_quant_act computed.
+    xg (grouped x, with its graph), x_hat, q, s (detached scale), s_live (the same scale with its graph)
+    and z are the grouped (..., d // g, g) tensors fake_quant_act computed.
     """
-    qmin, qmax = _int_range(bits, sym)
-    xg = x.float().reshape(xf.shape)  # differentiable view of x, grouped like xf
-    if sym:
-        s_live = clip_ratio * xg.abs().amax(-1, keepdim=True) / denom  # (..., d // g, 1)
-    else:
-        lo = clip_ratio * xg.amin(-1, keepdim=True).clamp_max(0.0)
-        hi = clip_ratio * xg.amax(-1, keepdim=True).clamp_min(0.0)
-        s_live = torch.where((lo == 0) & (hi == 0), 0.0, (hi - lo) / qmax)  # an all-zero group's scale is fixed
+    xf = xg.detach()
     codes = q if z is None else q - z
     pre = torch.round(xf / s) if z is None else torch.round(xf / s) + z  # codes before the clamp
     clamped = (pre < qmin) | (pre > qmax)
     # LSQ: d/ds [s·(round(x/s) + z - z)] = round(x/s) - x/s inside the grid, the code itself when clamped
     dxhat_ds = torch.where(clamped, codes, codes - xf / s).detach()
     extra = (s_live - s_live.detach()) * dxhat_ds  # exactly 0 in value, carries ∂x̂/∂s·∂s/∂x
-    out = x_hat.detach() + (xg - xg.detach()) + extra
+    out = x_hat.detach() + (xg - xf) + extra
     return out.reshape(x.shape).to(x.dtype)  # (..., d // g, g) -> (..., d)
 
 
