@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--model", default=str(ROOT / "tests/fixtures/models/llama-outlier"))
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the job and the reload run")
     args = p.parse_args()
     torch.set_num_threads(2)
     rows: list[dict[str, Any]] = []
@@ -69,14 +70,14 @@ def main() -> int:
         cfg = make_config(method, w_bits=w, a_bits=a, kv_bits=kv, w_group_size=g, seq_len=256, steps=args.steps,
                           calib_source=f"file:{ROOT / 'tests/fixtures/text/train.txt'}", micro_batch=8,
                           eval_source=f"file:{ROOT / 'tests/fixtures/text/test.txt'}", calib_samples=64,
-                          dtype="bfloat16", device="cpu")
+                          dtype="bfloat16", device=args.device)
         res = quantize_model(args.model, cfg)
         out = Path(tempfile.mkdtemp()) / "job"
         t0 = time.perf_counter()
         export_checkpoint(res, out)
         t_export = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model, _, _ = load(out)
+        model, _, _ = load(out, device=args.device)
         t_load = time.perf_counter() - t0
         ppl = perplexity(model, res.eval_windows)
         ratios = size_ratios(out / "model")

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, help="window length (default: the one the report used)")
     e.add_argument("--eval-windows", type=int, default=0, help="score only the first N windows")
     e.add_argument("--report-json", type=Path, help='write {"ppl": x, ...} here')
+    e.add_argument("--device", default="auto", help="auto (CUDA when available, the default), cpu, cuda or cuda:N")
     e.add_argument("--no-int4-kernels", action="store_true",
                    help="dequantize-and-matmul even where PyTorch's int4 kernel applies (bit-exact with the report)")
     pl = sub.add_parser("plan", help="per-stage device memory of a job, from the model's config.json alone")
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint", type=Path)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, the default), cpu, cuda or cuda:N")
     return p
 
 
@@ -104,7 +106,7 @@ def _eval(a: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .runtime import _folders, load
 
-    model, cfg, report = load(a.checkpoint, int4_kernels=not a.no_int4_kernels)
+    model, cfg, report = load(a.checkpoint, device=a.device, int4_kernels=not a.no_int4_kernels)
     tok = load_tokenizer(_folders(a.checkpoint)[1])
     seq_len = a.seq_len or cfg.eval.seq_len
     source = f"file:{a.eval_text}" if a.eval_text else a.eval_dataset
@@ -124,7 +126,7 @@ def _generate(a: argparse.Namespace) -> int:
     from .calibration import load_tokenizer, with_bos
     from .runtime import _folders, generate, load
 
-    model, _, _ = load(a.checkpoint)
+    model, _, _ = load(a.checkpoint, device=a.device)
     tok = load_tokenizer(_folders(a.checkpoint)[1])
     ids = with_bos(tok, torch.tensor(tok(a.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long))
     out = generate(model, ids[None], a.max_new_tokens, getattr(tok, "eos_token_id", None))

@@ -34,7 +34,7 @@ from .learn import train_rotations
 from .models import (
     ArchSpec, DecoderLM, ModelError, QuantRuntime, arch_from_config, load_model, resolve_model, weight_files,
 )
-from .placement import Placement, offloaded_logits
+from .placement import Placement, offloaded_logits, pick_device
 from .plan import decide as placement_decision
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 from .rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
@@ -59,9 +59,7 @@ class QuantizeResult:
 
 
 def resolve_device(cfg: SpinQuantConfig) -> tuple[str, torch.dtype]:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was requested but no CUDA device is available; accepted here: cpu, auto")
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = pick_device(cfg.device)
     if cfg.dtype == "auto":
         return device, (torch.bfloat16 if device == "cuda" else torch.float32)
     return device, _DTYPES[cfg.dtype]

@@ -22,7 +22,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .config import ConfigError
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
+
+
+def pick_device(device: str) -> str:
+    """"auto" is CUDA when available; "cuda" without a CUDA device is refused, naming what is accepted."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+        raise ConfigError(f"device={device!r} is not valid; accepted: auto, cpu, cuda, cuda:N")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was requested but no CUDA device is available; accepted here: cpu, auto")
+    return device
+
 
 @dataclass(frozen=True)
 class Placement:

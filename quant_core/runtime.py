@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .config import ConfigError, SpinQuantConfig, config_from_dict
 from .export import sha256_file
 from .models import DecoderLM, ModelError, arch_from_config, rope_inv_freq
 from .packing import unpack_int4_rows, unpack_int4_zero_points
+from .placement import pick_device
 from .quantizers import dequantize_weight_gidx
 
 
@@ -76,13 +78,16 @@ def load(path: str | Path, *, device: str = "cpu", verify: bool = True,
     Args:
         path: the job folder (with model/ and SHA256SUMS) or its model/ folder.
         verify: check SHA256SUMS first (on by default; a mismatch names the file).
-        int4_kernels: where the device has PyTorch's int4 weight kernel (CPU; weight-only, symmetric,
-            bfloat16, group 32/64/128/256) run the linears on it instead of dequantized weights. Not
-            bit-exact (the kernel accumulates in its own order; ~2e-5 relative perplexity on the
-            fixture); False gives the bit-exact dequantize-and-matmul path. Other checkpoints ignore it.
+        device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
+        int4_kernels: where the device has PyTorch's int4 weight kernel (CPU, CUDA sm80+; weight-only,
+            symmetric, bfloat16, group 32/64/128/256) run the linears on it instead of dequantized
+            weights, each checked against its dequantized weight first. Not bit-exact (the kernel
+            accumulates in its own order; ~2e-5 relative perplexity on the fixture); False gives the
+            bit-exact dequantize-and-matmul path. Other checkpoints ignore it.
     """
     from .pipeline import build_runtime, validate_environment  # the same runtime settings as the job
 
+    device = pick_device(device)
     root, mdir = _folders(Path(path))
     if verify:
         verify_checksums(root)
@@ -136,55 +141,113 @@ def load(path: str | Path, *, device: str = "cpu", verify: bool = True,
         p.requires_grad_(False)
     plans = validate_environment(cfg, arch)
     model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits)
-    if int4_kernels and int4_kernels_apply(cfg, dtype, device):
-        for prefix, (q, scale) in codes.items():
-            parent_name, _, child = prefix.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, child)
-            setattr(parent, child, Int4Linear(q, scale, cfg.weights.group_size, old.bias))
+    if int4_kernels and int4_kernels_apply(cfg, dtype, device, arch):
+        _swap_in_int4_kernels(model, codes, cfg.weights.group_size, device)
     return model, cfg, report
 
 
-INT4_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's CPU int4 kernel accepts
+def _swap_in_int4_kernels(model: DecoderLM, codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                          group: int, device: str) -> None:
+    """Replace each decoder linear by an Int4Linear, once its kernel agrees with the dequantized weight.
+
+    Each is probed against the dequantized matmul first: a kernel that disagrees (a PyTorch build whose
+    packing differs from ours) costs the speed, never the numbers. Then the dequantized copies are freed.
+    """
+    kernels: dict[str, Int4Linear] = {}
+    for prefix, (q, scale) in codes.items():
+        old = model.get_submodule(prefix)
+        lin = Int4Linear(q, scale, group, old.bias, device)
+        err = kernel_error(lin, old.weight)
+        if not err <= KERNEL_TOLERANCE:  # also catches NaN
+            warnings.warn(f"PyTorch's int4 kernel disagrees with {prefix}'s dequantized weight (relative error "
+                          f"{err:.3g} > {KERNEL_TOLERANCE}); running every linear dequantized instead", stacklevel=3)
+            return
+        kernels[prefix] = lin
+    for prefix, lin in kernels.items():
+        parent_name, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, lin)
+
+
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 weight kernels accept (CPU and CUDA)
+KERNEL_TOLERANCE = 2e-2  # relative error vs the dequantized matmul above which a kernel is not trusted
 
 
 class Int4Linear(torch.nn.Module):
-    """A symmetric int4 weight-only Linear on PyTorch's CPU int4 kernel (bfloat16 activations).
+    """A symmetric int4 weight-only Linear on PyTorch's int4 kernel (bfloat16 activations).
 
-    The kernel computes x @ ((u - 8) * scale + zero)^T with u the unsigned nibble, so our signed
+    Both kernels compute x @ ((u - 8) * scale + zero)^T with u the unsigned nibble, so our signed
     codes q map to u = q + 8 with zero = 0; the weight never exists dequantized in memory.
+    CPU: ``_weight_int4pack_mm_for_cpu`` on (out, in) int32 nibbles. CUDA (sm80+):
+    ``_weight_int4pack_mm`` (tinygemm) on (out, in/2) uint8 bytes, even column in the high nibble.
     """
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None,
+                 device: str | torch.device = "cpu") -> None:
         super().__init__()
         assert q.ndim == 2 and group in INT4_GROUPS and q.shape[1] % group == 0, (tuple(q.shape), group)
         self.out_features, self.in_features, self.group = q.shape[0], q.shape[1], group
+        self.cuda_kernel = torch.device(device).type == "cuda"
         u = (q.to(torch.int32) + 8).contiguous()  # (out, in) unsigned 0..15
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1))
-        # (out, in/g) scales -> (in/g, out, 2) [scale, zero] as the kernel expects
+        if self.cuda_kernel:
+            u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)  # (out, in) -> (out, in/2)
+            packed = torch.ops.aten._convert_weight_to_int4pack(u8.to(device), cuda_inner_k_tiles(self.in_features))
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+        self.register_buffer("packed", packed)
+        # (out, in/g) scales -> (in/g, out, 2) [scale, zero] as both kernels expect
         sz = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1)
-        self.register_buffer("scale_zero", sz.to(torch.bfloat16).contiguous())
+        self.register_buffer("scale_zero", sz.to(device=device, dtype=torch.bfloat16).contiguous())
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group, self.scale_zero
-        )  # (N, in) -> (N, out)
+        mm = torch.ops.aten._weight_int4pack_mm if self.cuda_kernel else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group, self.scale_zero)  # (N, in) -> (N, out)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
-def int4_kernels_apply(cfg: SpinQuantConfig, dtype: torch.dtype, device: str) -> bool:
-    """PyTorch's CPU int4 kernel fits: weight-only, symmetric, a supported group, bf16 model, CPU."""
+def cuda_inner_k_tiles(in_features: int) -> int:
+    """The largest tinygemm K tiling (2, 4 or 8 tiles of 16) that divides in_features."""
+    return next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
+
+
+def kernel_error(lin: Int4Linear, weight: torch.Tensor, seed: int = 0) -> float:
+    """Relative error of the kernel against x @ weight^T in float32, on a seeded probe batch.
+
+    bf16 activations alone give ~4e-3; a wrong packing or layout gives O(1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, lin.in_features, generator=gen).to(weight.device)  # (8, in)
+    ref = x.to(torch.bfloat16).float() @ weight.float().t()
+    got = lin(x.to(torch.bfloat16)).float()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def int4_kernels_apply(cfg: SpinQuantConfig, dtype: torch.dtype, device: str, arch: Any = None) -> bool:
+    """PyTorch's int4 kernel fits: weight-only, symmetric, a supported group, bf16 model, and a device
+    that has it (CPU, or CUDA sm80+ with every linear's out a multiple of 8 and in of 32)."""
     g = cfg.weights.group_size
-    return (device == "cpu" and dtype == torch.bfloat16 and cfg.weights.bits == 4 and cfg.weights.sym
+    fits = (dtype == torch.bfloat16 and cfg.weights.bits == 4 and cfg.weights.sym
             and cfg.activations.bits == 16 and g in INT4_GROUPS and not cfg.weights.gptq.act_order)
+    kind = torch.device(device).type
+    if not fits or kind not in ("cpu", "cuda"):
+        return False
+    if kind == "cuda":
+        if torch.cuda.get_device_capability(torch.device(device))[0] < 8:
+            return False
+        if arch is not None and any(o % 8 or i % 32 for o, i in arch.linear_shapes().values()):
+            return False
+    return True
 
 
 @torch.no_grad()
 def generate(model: DecoderLM, ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None) -> torch.Tensor:
-    """Greedy decoding (full recompute per token: simple and exactly the evaluated forward)."""
+    """Greedy decoding (full recompute per token: simple and exactly the evaluated forward).
+
+    ``ids`` (B, T) may live anywhere; the result (B, T + new) is on the model's device.
+    """
+    ids = ids.to(model.lm_head.weight.device)
     for _ in range(max_new_tokens):
         nxt = model(ids)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)

@@ -134,3 +134,74 @@ def test_int4_kernel_path_matches_the_report_within_a_tenth_of_a_percent(tmp_pat
     assert not isinstance(exact.model.layers[0].mlp.down_proj, Int4Linear)
     ppl = perplexity(model, res.eval_windows)
     assert abs(ppl / res.report["quant_ppl"] - 1) <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def bf16_w4a16(tmp_path_factory):
+    """A W4A16 g128 bfloat16 spinquant job: the scheme PyTorch's int4 kernels take."""
+    cfg = make_config("spinquant", w_bits=4, a_bits=16, kv_bits=16, w_group_size=128, dtype="bfloat16", **SMALL)
+    res = quantize_model(str(LLAMA), cfg)
+    out = tmp_path_factory.mktemp("bf16") / "job"
+    export_checkpoint(res, out)
+    return res, out
+
+
+def test_kernel_probe_separates_a_right_kernel_from_a_wrong_layout(bf16_w4a16) -> None:
+    """The load-time probe: the real kernel is within bf16 error, a mis-packed one is O(1) off."""
+    from quant_core.runtime import KERNEL_TOLERANCE, Int4Linear, kernel_error
+
+    res, out = bf16_w4a16
+    exact, cfg, _ = load(out, int4_kernels=False)
+    lin = exact.model.layers[0].mlp.down_proj
+    g = cfg.weights.group_size
+    codes = res.qweights["model.layers.0.mlp.down_proj"]
+    q, scale = codes.q.to(torch.int16), codes.scale.float()  # (out, in) codes, (out, in/g) scales
+    assert kernel_error(Int4Linear(q, scale, g, None), lin.weight) < 1e-2
+    swapped = q.reshape(q.shape[0], -1, 2).flip(-1).reshape(q.shape)  # nibble pairs the other way round
+    assert kernel_error(Int4Linear(swapped, scale, g, None), lin.weight) > KERNEL_TOLERANCE
+
+
+def test_a_kernel_that_disagrees_falls_back_to_dequantized_weights(bf16_w4a16, monkeypatch) -> None:
+    """A PyTorch build whose int4 kernel disagrees with our packing costs speed, never the numbers."""
+    from quant_core.runtime import Int4Linear
+
+    res, out = bf16_w4a16
+    real_forward = Int4Linear.forward
+    monkeypatch.setattr(Int4Linear, "forward", lambda self, x: -real_forward(self, x))
+    with pytest.warns(UserWarning, match="int4 kernel disagrees with model.layers.0"):
+        model, _, _ = load(out)
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())
+    exact, _, _ = load(out, int4_kernels=False)
+    assert perplexity(model, res.eval_windows) == perplexity(exact, res.eval_windows)
+
+
+def test_cli_device_is_checked(exported) -> None:
+    _, out = exported
+    r = subprocess.run([sys.executable, "-m", "quant_core", "generate", str(out), "--prompt", "x", "--device", "tpu"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "device='tpu' is not valid; accepted: auto, cpu, cuda, cuda:N" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_cuda_without_a_cuda_device_is_refused(exported) -> None:
+    _, out = exported
+    r = subprocess.run([sys.executable, "-m", "quant_core", "eval", str(out), "--eval-text", str(TEST_TEXT),
+                        "--device", "cuda"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "no CUDA device is available; accepted here: cpu, auto" in r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_int4_kernel_matches_the_report(bf16_w4a16) -> None:
+    """On CUDA (sm80+) the linears run on tinygemm's int4 kernel; perplexity within 0.1% of the report."""
+    from quant_core.runtime import Int4Linear
+
+    res, out = bf16_w4a16
+    model, _, _ = load(out, device="cuda")
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, Int4Linear) and down.cuda_kernel and down.packed.is_cuda
+    ppl = perplexity(model, res.eval_windows)
+    assert abs(ppl / res.report["quant_ppl"] - 1) <= 1e-3
+    exact, _, _ = load(out, device="cuda", int4_kernels=False)
+    assert abs(ppl / perplexity(exact, res.eval_windows) - 1) <= 1e-3
