@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from .config import SpinQuantConfig, config_to_dict, vllm_serving_verdict
 from .formats import FORMATS, ExportError, check_formats, gptq_refusals
+from .hadamard import sylvester
 from .models import decoder_linears, layer_prefix
 from .packing import gptq_qzeros, pack_gptq_qweight, pack_int4_rows, pack_int4_zero_points
 
@@ -90,6 +91,7 @@ def quantization_config(cfg: SpinQuantConfig, head_dim: int, r4_block: int | Non
     if r4_block is not None:
         transform = {"config_groups": {"R4": {
             "type": "hadamard", "head_dim": r4_block, "randomize": False, "requires_grad": False,
+            "precision": "torch.float64",  # what llm-compressor's SpinQuantModifier writes (CT 0.19)
             "apply": [{"targets": ["re:.*down_proj$"], "location": "input", "inverse": False, "ignore": []},
                       {"targets": ["re:.*down_proj$"], "location": "weight_input", "inverse": True, "ignore": []}],
         }}}
@@ -191,8 +193,16 @@ def _gptq_state(result: QuantizeResult) -> tuple[dict[str, torch.Tensor], dict[s
     return {k: v.contiguous().cpu() for k, v in state.items()}, facts
 
 
-def _packed_state(result: QuantizeResult) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder: packed int4 for decoder linears, model dtype for the rest."""
+def r4_tensor(r4_block: int) -> dict[str, torch.Tensor]:
+    """The online R4's stored matrix, as llm-compressor saves it: one float64 (b, b) ±1 copy under layer
+    0's ``R4_input`` submodule (every layer shares it, so save deduplicates it; vLLM normalises by sqrt(b)
+    on load and runs hadacore)."""
+    return {"model.layers.0.mlp.down_proj.R4_input.weight": sylvester(r4_block).to(torch.float64)}
+
+
+def _packed_state(result: QuantizeResult, r4_block: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder: packed int4 for decoder linears, model dtype for the rest, and the
+    online R4's matrix when the folder lists one."""
     cfg, model = result.cfg, result.model
     if cfg.weights.bits != 4:
         raise ExportError(f"pack-quantized export holds 4-bit weights; this job has weights.bits={cfg.weights.bits}")
@@ -216,6 +226,8 @@ def _packed_state(result: QuantizeResult) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         if key != "inv_freq" and key not in linear_names:
             state[key] = value.detach().contiguous().cpu()
+    if r4_block is not None:
+        state.update(r4_tensor(r4_block))
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
@@ -263,12 +275,12 @@ def export_checkpoint(result: QuantizeResult, out_dir: Path, formats: Any = ("ct
         if "ct" in formats:
             mdir = tmp / "model"
             mdir.mkdir()
-            save_file(_packed_state(result), str(mdir / "model.safetensors"), metadata={"format": "pt"})
             if r4 is not None and r4.mode != "block":
                 # The full K*2^m R4 has no compressed-tensors description; our runtime still runs it.
                 r4_block = None
             else:
                 r4_block = r4.block if r4 is not None else None
+            save_file(_packed_state(result, r4_block), str(mdir / "model.safetensors"), metadata={"format": "pt"})
             ct_cfg = dict(src_cfg, quantization_config=quantization_config(cfg, arch.head_dim, r4_block))
             (mdir / "config.json").write_text(json.dumps(ct_cfg, indent=2))
             _write_sidecar(mdir, result, r4 is not None)

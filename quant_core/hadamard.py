@@ -73,7 +73,7 @@ def select_k(n: int) -> int | None:
 # --- ±1 matrices of order K --------------------------------------------------------------
 
 
-def _sylvester(n: int) -> torch.Tensor:
+def sylvester(n: int) -> torch.Tensor:
     """H[i, j] = (-1)^popcount(i & j): the natural order that `fwht` computes."""
     assert _is_pow2(n), f"Sylvester order must be a power of two, got {n}"
     i = torch.arange(n)
@@ -145,7 +145,7 @@ def _williamson(w: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _hadamard_k_cached(k: int) -> torch.Tensor:
     if _is_pow2(k):
-        H = _sylvester(k)
+        H = sylvester(k)
     elif k in _CONSTRUCTIONS:
         kind, param = _CONSTRUCTIONS[k]
         if kind == "paley1":
@@ -153,7 +153,7 @@ def _hadamard_k_cached(k: int) -> torch.Tensor:
         elif kind == "paley2":
             H = _paley2(param)
         elif kind == "kron2":
-            H = torch.kron(_sylvester(2), _hadamard_k_cached(param))
+            H = torch.kron(sylvester(2), _hadamard_k_cached(param))
         else:
             H = _williamson(param)
     else:

@@ -198,3 +198,74 @@ def test_compressed_tensors_decompresses_the_whole_folder(w4a16) -> None:
     assert set(dense) == set(ref) - {"inv_freq"}
     for key, value in dense.items():
         assert value.dtype == torch.float32 and torch.equal(value, ref[key]), key
+
+
+# --------------------------------------------------------------------------- the online R4 (transform_config)
+
+# What llm-compressor 0.14.0.1 (compressed-tensors 0.19.0) writes for
+# SpinQuantModifier(rotations=["R4"], transform_type="hadamard", transform_block_size=128) on llama-tiny,
+# recorded from its save_pretrained(save_compressed=True) on 2026-11-24: the same scheme our block:128 R4 is.
+LLMC_R4_TRANSFORM_CONFIG = {"config_groups": {"R4": {
+    "type": "hadamard", "head_dim": 128, "precision": "torch.float64", "randomize": False, "requires_grad": False,
+    "apply": [{"targets": ["re:.*down_proj$"], "location": "input", "inverse": False, "ignore": []},
+              {"targets": ["re:.*down_proj$"], "location": "weight_input", "inverse": True, "ignore": []}]}}}
+LLMC_R4_KEY = "model.layers.0.mlp.down_proj.R4_input.weight"  # one float64 (128, 128) copy, deduplicated
+
+
+@pytest.fixture(scope="module")
+def w4a16_r4(tmp_path_factory):
+    """W4A16 with an online block-128 R4: the one online transform vLLM applies."""
+    res = quantize_model(str(LLAMA), make_config("spinquant", w_bits=4, a_bits=16, kv_bits=16, r4="block:128",
+                                                 **SMALL))
+    assert res.runtime is not None and res.runtime.r4 is not None and res.runtime.r4.mode == "block"
+    out = tmp_path_factory.mktemp("interop_r4") / "job"
+    export_checkpoint(res, out)
+    return res, out
+
+
+def test_transform_config_and_r4_tensor_are_what_llm_compressor_writes(w4a16_r4) -> None:
+    from compressed_tensors.transform import TransformConfig
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+    _, out = w4a16_r4
+    written = json.loads((out / "model" / "config.json").read_text())["quantization_config"]["transform_config"]
+    assert written == LLMC_R4_TRANSFORM_CONFIG
+    TransformConfig.model_validate(written)  # CT's own schema (extra fields forbidden)
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as fh:
+        r4_keys = [k for k in fh.keys() if "R4" in k]
+        assert r4_keys == [LLMC_R4_KEY]
+        h = fh.get_tensor(LLMC_R4_KEY)
+    assert h.dtype == torch.float64 and torch.equal(h, deterministic_hadamard_matrix(128, torch.float64))
+
+
+def _online_only(tc):
+    """The entries a serving runtime applies: vLLM keeps ``args.is_online()`` ones; weight_input is fused."""
+    return type(tc)(config_groups={n: s.model_copy(update={"apply": [a for a in s.apply if a.is_online()]})
+                                   for n, s in tc.config_groups.items()})
+
+
+def test_compressed_tensors_online_r4_reproduces_our_runtime(w4a16_r4) -> None:
+    """transformers loads the folder dequantized; compressed-tensors' own Hadamard, built from our
+    transform_config's online entry, is hooked on every down_proj input: the logits are our runtime's.
+    Without it they are far off, and so they are if a loader fuses the weight_input entry a second time."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    _, out = w4a16_r4
+    ours, _, _ = load(out, int4_kernels=False)
+    tc = TransformConfig.model_validate(
+        json.loads((out / "model" / "config.json").read_text())["quantization_config"]["transform_config"])
+    ids = _ids()
+    with torch.no_grad():
+        ref = ours(ids).float()
+    diffs = {}
+    for applied in ("online", "none", "all"):
+        hf = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+        if applied != "none":
+            apply_transform_config(hf, _online_only(tc) if applied == "online" else tc)
+        with torch.no_grad():
+            diffs[applied] = float((hf(ids).logits.float() - ref).abs().max())
+    print(f"max |logit diff| vs our runtime: {diffs}")
+    assert diffs["online"] <= 1e-4
+    assert diffs["none"] > 1.0 and diffs["all"] > 1.0
