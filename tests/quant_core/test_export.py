@@ -55,6 +55,15 @@ def test_w4a4kv4_round_trip_and_format(exported) -> None:
     assert qc["format"] == "pack-quantized" and qc["kv_cache_scheme"] is None and qc["ignore"] == ["lm_head"]
     assert all(g["format"] == "pack-quantized" for g in qc["config_groups"].values())
     assert set(qc["config_groups"]) == {"group_0", "o_proj"}  # o_proj input quantized per head
+    from compressed_tensors.quantization import QuantizationConfig
+
+    parsed = QuantizationConfig.model_validate(  # CT's own schema reads what vLLM reads
+        {k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
+    acts = {name: g.input_activations for name, g in parsed.config_groups.items()}
+    assert acts["group_0"].strategy == "token" and acts["o_proj"].strategy == "group"
+    assert acts["o_proj"].group_size == res.arch.head_dim
+    assert all(a.num_bits == 4 and a.dynamic is True and a.type == "int" for a in acts.values())
+    assert all(g.weights.num_bits == 4 and g.weights.dynamic is False for g in parsed.config_groups.values())
     from safetensors import safe_open
 
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as fh:
