@@ -1,0 +1,148 @@
+"""Loader check: our GPTQ v1 export (`--format gptq`) loaded by GPTQModel, a real GPTQ runtime.
+
+Runs in its OWN virtual environment (GPTQModel pins its own torchao and transformers). quant_core
+only needs torch, safetensors and transformers, so it is imported from the repo for the reference.
+
+Setup (once, outside the repo). gptqmodel 7.3.6 is the newest release that accepts torch 2.13;
+7.4 and later require torch>=2.14.1, which pulls a CUDA build here:
+
+    python3 -m venv /work/gptq-venv
+    /work/gptq-venv/bin/pip install torch==2.13.0          # resolves to the local CPU wheel
+    BUILD_CUDA_EXT=0 /work/gptq-venv/bin/pip install gptqmodel==7.3.6 torch==2.13.0 requests pillow
+
+Run (from the repo root): export a float16 W4A16 job in both formats, then check it:
+
+    python -m quant_core quantize tests/fixtures/models/llama-tiny --method spinquant --w-bits 4 \\
+        --a-bits 16 --kv-bits 16 --w-group-size 128 --dtype float16 --device cpu --format both \\
+        --calib-text tests/fixtures/text/train.txt --eval-text tests/fixtures/text/test.txt --out JOB
+    /work/gptq-venv/bin/python bench/peer_gptqmodel.py --job JOB --json runs/bench/peer-gptqmodel.json
+
+float16, because the GPTQ folder stores float16 scales and GPTQModel's CPU kernel (TorchLinear)
+computes in float16/bfloat16 only; with a float16 job the scales are exact in both folders
+(the report's ``gptq_export.scales_exact_in_fp16``), so the weights must agree bit for bit.
+
+Checks (JSON ``checks``, exit 1 if one fails):
+- every decoder linear GPTQModel dequantizes from gptq/ equals our runtime's weight from model/;
+- max |logit diff| of GPTQModel against our runtime, both in float16 on the CPU, on fixed ids;
+- perplexity over the job's evaluation windows, both ways, within 0.1% relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import transformers  # noqa: F401  (before the stub below: transformers must see no torchvision)
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class _Absent(types.ModuleType):
+    """GPTQModel imports torchvision at import time for its vision-model definitions; no CPU
+    torchvision build matches torch 2.13 here, and a llama text model never calls into it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.__file__ = f"/nonexistent/{name.replace('.', '/')}.py"
+
+    def __getattr__(self, name: str) -> "_Absent":
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Absent(f"{self.__name__}.{name}")
+
+    def __call__(self, *args: object, **kwargs: object) -> "_Absent":
+        return self
+
+
+def _stub_torchvision() -> None:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # absent, or a build for another torch
+        for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
+                     "torchvision.transforms.v2"):
+            sys.modules[name] = _Absent(name)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", type=Path, required=True, help="a quantize --out folder with model/ and gptq/")
+    p.add_argument("--json", type=Path, required=True)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    from quant_core.calibration import encode, eval_windows, load_text, load_tokenizer
+    from quant_core.evaluate import logits_nll
+    from quant_core.models import decoder_linears, layer_prefix
+    from quant_core.runtime import load
+
+    if not (args.job / "gptq" / "config.json").is_file():
+        print(f"error: {args.job}/gptq is missing; export with --format both", file=sys.stderr)
+        return 2
+    ours, cfg, report = load(args.job, int4_kernels=False)  # verifies SHA256SUMS; dequantized weights
+    if ours.lm_head.weight.dtype != torch.float16:
+        print(f"error: the job is {ours.lm_head.weight.dtype}; export it with --dtype float16", file=sys.stderr)
+        return 2
+
+    _stub_torchvision()
+    import gptqmodel
+    from gptqmodel import BACKEND, GPTQModel
+
+    t0 = time.perf_counter()
+    peer = GPTQModel.load(str(args.job / "gptq"), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+    load_s = time.perf_counter() - t0
+    hf = peer.model.eval()
+
+    # 1) weights: GPTQModel's dequantization of qweight/qzeros/scales against ours, bit for bit
+    mismatched, kernel = [], ""
+    for i in range(ours.arch.n_layers):
+        for name, lin in decoder_linears(ours, i).items():
+            prefix = layer_prefix(name, i)
+            qlin = hf.get_submodule(prefix)
+            kernel = type(qlin).__name__
+            w = qlin.dequantize_weight().to(torch.float16).t()  # GPTQ's (in, out) -> (out, in)
+            if not torch.equal(w, lin.weight):
+                mismatched.append(prefix)
+
+    # 2) logits on fixed ids, 3) perplexity over the job's evaluation windows
+    ids = torch.randint(4, ours.lm_head.weight.shape[0], (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((hf(ids).logits.float() - ours(ids).float()).abs().max())
+    tok = load_tokenizer(args.job / "model")
+    windows = eval_windows(encode(tok, load_text(cfg.eval.source, "test"), bos=False), cfg.eval.seq_len,
+                           cfg.eval.max_windows)  # as the pipeline scores them
+    sums = {"ours": [0.0, 0], "gptqmodel": [0.0, 0]}
+    with torch.no_grad():
+        for w in windows.split(4):
+            for who, logits in (("ours", ours(w)), ("gptqmodel", hf(w).logits)):
+                nll, n = logits_nll(logits, w)
+                sums[who][0] += nll
+                sums[who][1] += n
+    ppl = {who: math.exp(s / n) for who, (s, n) in sums.items()}
+    rel = abs(ppl["gptqmodel"] / ppl["ours"] - 1)
+
+    checks = {"weights_bit_exact": not mismatched, "ppl_within_0.1pct": rel <= 1e-3}
+    result = {"peer": f"gptqmodel {gptqmodel.__version__}", "kernel": kernel, "torch": torch.__version__,
+              "job": str(args.job), "scheme": cfg.scheme, "group_size": cfg.weights.group_size,
+              "load_s": load_s, "mismatched_linears": mismatched, "max_abs_logit_diff_fp16": diff,
+              "ppl_ours": ppl["ours"], "ppl_gptqmodel": ppl["gptqmodel"], "ppl_rel_diff": rel,
+              "report_quant_ppl": report.get("quant_ppl"), "windows": int(windows.shape[0]), "checks": checks}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"{result['peer']} ({kernel}) loaded {args.job / 'gptq'} in {load_s:.2f}s")
+    print(f"weights bit-exact: {not mismatched} ({len(mismatched)} linears differ)")
+    print(f"max |logit diff| (fp16, CPU): {diff:.3e}")
+    print(f"ppl ours {ppl['ours']:.4f}  gptqmodel {ppl['gptqmodel']:.4f}  rel diff {rel:.1e}  "
+          f"({result['windows']} windows; report {report.get('quant_ppl')})")
+    print("PASS" if all(checks.values()) else f"FAIL: {checks}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
