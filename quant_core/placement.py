@@ -27,13 +27,17 @@ from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progr
 
 
 def pick_device(device: str) -> str:
-    """"auto" is CUDA when available; "cuda" without a CUDA device is refused, naming what is accepted."""
+    """The device a name means: auto is CUDA when available; a CUDA device that is not there is refused."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+    index = device.removeprefix("cuda:")
+    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and index.isdigit()):
         raise ConfigError(f"device={device!r} is not valid; accepted: auto, cpu, cuda, cuda:N")
     if device != "cpu" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} was requested but no CUDA device is available; accepted here: cpu, auto")
+    if device.startswith("cuda:") and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -16,7 +16,7 @@ from quant_core.config import ConfigError, make_config
 from quant_core.evaluate import perplexity
 from quant_core.models import QuantRuntime, load_model, resolve_model
 from quant_core.pipeline import quantize_model
-from quant_core.placement import Placement, offloaded_logits, visiting
+from quant_core.placement import Placement, offloaded_logits, pick_device, visiting
 from quant_core.plan import decide
 from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
 
@@ -191,3 +191,16 @@ def test_cuda_offloaded_learning_step_has_one_layer_on_the_gpu_at_a_time() -> No
     assert max(on_gpu) == len(list(model.model.layers[0].parameters()))
     assert r1.grad is not None and all(r.grad is not None for r in r2s)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["tpu", "cuda:", "cuda:x", "CPU", ""])
+def test_pick_device_refuses_names_it_does_not_know(name: str) -> None:
+    with pytest.raises(ConfigError, match="accepted: auto, cpu, cuda, cuda:N"):
+        pick_device(name)
+
+
+def test_pick_device_auto_and_a_missing_cuda_device() -> None:
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="CUDA device"):
+        pick_device(f"cuda:{torch.cuda.device_count()}")  # one past the last (any, when there is none)
