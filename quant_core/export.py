@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import SpinQuantConfig, config_to_dict, vllm_serving_verdict
-from .formats import FORMATS, ExportError, check_formats, gptq_refusals
+from .formats import ExportError, check_formats
 from .hadamard import sylvester
 from .models import decoder_linears, layer_prefix
 from .packing import gptq_qzeros, pack_gptq_qweight, pack_int4_rows, pack_int4_zero_points

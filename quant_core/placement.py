@@ -96,4 +96,4 @@ def offloaded_logits(
             yield model.head(h.to(dev))
 
 
-__all__ = ["Placement", "offloaded_logits", "visiting"]
+__all__ = ["Placement", "offloaded_logits", "pick_device", "visiting"]

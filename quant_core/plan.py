@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import SpinQuantConfig
+from .config import Rotation, SpinQuantConfig
 
 GiB = 1 << 30
 EVAL_BATCH_TOKENS = 16384  # evaluate.perplexity's default batch_tokens
@@ -218,7 +218,7 @@ def decide(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, d
             return Decision(False, f"{summary}. Lower seq_len, calib_samples or micro_batch, or use a larger GPU "
                                    f"({hint})")
         offload = True
-    learning = cfg.rotation.r1r2.value == "learned" and cfg.train.steps > 0
+    learning = cfg.rotation.r1r2 is Rotation.LEARNED and cfg.train.steps > 0
     if offload and learning and not cfg.train.checkpoint_layers:
         return Decision(True, f"learning with layer-wise offload (needed on one {gib} GPU) recomputes each layer in "
                               f"backward; set train.checkpoint_layers=true ({hint})")
@@ -227,7 +227,3 @@ def decide(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, d
                               "layer-wise offload; drop zero_shot_tasks or use a larger GPU")
     return Decision(offload)
 
-
-def refusal(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, dtype: str = "bfloat16") -> str | None:
-    """Why this job cannot run on one GPU of ``gpu_bytes``, None when it can (see :func:`decide`)."""
-    return decide(model_config, cfg, gpu_bytes, dtype).refusal

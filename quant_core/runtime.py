@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from .config import ConfigError, SpinQuantConfig, config_from_dict
 from .export import sha256_file
-from .models import DecoderLM, ModelError, arch_from_config, rope_inv_freq
+from .models import ArchSpec, DecoderLM, ModelError, arch_from_config, rope_inv_freq
 from .packing import unpack_int4_rows, unpack_int4_zero_points
 from .placement import pick_device
 from .quantizers import dequantize_weight_gidx
@@ -224,7 +224,7 @@ def kernel_error(lin: Int4Linear, weight: torch.Tensor, seed: int = 0) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def int4_kernels_apply(cfg: SpinQuantConfig, dtype: torch.dtype, device: str, arch: Any = None) -> bool:
+def int4_kernels_apply(cfg: SpinQuantConfig, dtype: torch.dtype, device: str, arch: ArchSpec) -> bool:
     """PyTorch's int4 kernel fits: weight-only, symmetric, a supported group, bf16 model, and a device
     that has it (CPU, or CUDA sm80+ with every linear's out a multiple of 8 and in of 32)."""
     g = cfg.weights.group_size
@@ -236,7 +236,7 @@ def int4_kernels_apply(cfg: SpinQuantConfig, dtype: torch.dtype, device: str, ar
     if kind == "cuda":
         if torch.cuda.get_device_capability(torch.device(device))[0] < 8:
             return False
-        if arch is not None and any(o % 8 or i % 32 for o, i in arch.linear_shapes().values()):
+        if any(o % 8 or i % 32 for o, i in arch.linear_shapes().values()):
             return False
     return True
 

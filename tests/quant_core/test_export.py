@@ -130,21 +130,6 @@ def test_serve_md_names_what_vllm_does_not_apply(exported) -> None:
     assert "Do not serve this folder with vLLM" in text  # full K*2^m R4 cannot be described for vLLM
 
 
-def test_int4_kernel_path_matches_the_report_within_a_tenth_of_a_percent(tmp_path: Path) -> None:
-    """W4A16 g128 bf16 on PyTorch's CPU int4 kernel: weights never dequantized, ppl within 0.1%."""
-    from quant_core.runtime import Int4Linear
-
-    cfg = make_config("spinquant", w_bits=4, a_bits=16, kv_bits=16, w_group_size=128, dtype="bfloat16", **SMALL)
-    res = quantize_model(str(LLAMA), cfg)
-    export_checkpoint(res, tmp_path / "job")
-    model, _, _ = load(tmp_path / "job")  # on by default where the kernel applies
-    assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
-    exact, _, _ = load(tmp_path / "job", int4_kernels=False)
-    assert not isinstance(exact.model.layers[0].mlp.down_proj, Int4Linear)
-    ppl = perplexity(model, res.eval_windows)
-    assert abs(ppl / res.report["quant_ppl"] - 1) <= 1e-3
-
-
 @pytest.fixture(scope="module")
 def bf16_w4a16(tmp_path_factory):
     """A W4A16 g128 bfloat16 spinquant job: the scheme PyTorch's int4 kernels take."""
@@ -153,6 +138,19 @@ def bf16_w4a16(tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16") / "job"
     export_checkpoint(res, out)
     return res, out
+
+
+def test_int4_kernel_path_matches_the_report_within_a_tenth_of_a_percent(bf16_w4a16) -> None:
+    """W4A16 g128 bf16 on PyTorch's CPU int4 kernel: weights never dequantized, ppl within 0.1%."""
+    from quant_core.runtime import Int4Linear
+
+    res, out = bf16_w4a16
+    model, _, _ = load(out)  # on by default where the kernel applies
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
+    exact, _, _ = load(out, int4_kernels=False)
+    assert not isinstance(exact.model.layers[0].mlp.down_proj, Int4Linear)
+    ppl = perplexity(model, res.eval_windows)
+    assert abs(ppl / res.report["quant_ppl"] - 1) <= 1e-3
 
 
 def test_kernel_probe_separates_a_right_kernel_from_a_wrong_layout(bf16_w4a16) -> None:
