@@ -25,6 +25,7 @@ A_BITS = (4, 8, 16)  # 16 = activations not quantized
 KV_BITS = (4, 8, 16)  # 16 = KV cache not quantized
 PLACEMENTS = ("auto", "whole", "layers")  # where the weights rest while a job runs (SpinQuantConfig.placement)
 STE_MODES = ("range", "identity")  # rotation-learning gradient through the fake quantizers (TrainConfig.ste)
+TRAIN_LOSSES = ("kl", "ce")  # rotation-learning loss (TrainConfig.loss); quant_core.losses implements both
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,9 @@ class TrainConfig:
     # identity: SpinQuant's STE, the gradient passes every fake quantizer unchanged; range: also through
     # each token's activation/KV scale (its min/max), so learning sees a rotation narrow a token's range
     ste: str = "range"
+    # kl: KL(FP model || quantized model) on the same batch, every position (OSTQuant's KL-Top, full vocabulary);
+    # ce: next-token cross-entropy, SpinQuant's loss
+    loss: str = "kl"
 
     def __post_init__(self) -> None:
         _check_int(self.steps, "train.steps", 0, 100000)
@@ -214,6 +218,7 @@ class TrainConfig:
         if self.train_w_bits is not None:
             _check_in(self.train_w_bits, W_BITS, "train.train_w_bits")
         _check_in(self.ste, STE_MODES, "train.ste")
+        _check_in(self.loss, TRAIN_LOSSES, "train.loss")
 
 
 @dataclass(frozen=True)
@@ -344,6 +349,7 @@ ALIASES: dict[str, str] = {
     "micro_batch": "train.micro_batch",
     "train_samples": "train.samples",
     "ste": "train.ste",
+    "loss": "train.loss",
     "calib_source": "calib.source",
     "calib_samples": "calib.samples",
     "seq_len": ("calib.seq_len", "eval.seq_len"),  # type: ignore[dict-item]

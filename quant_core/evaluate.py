@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import nll_sum
 from .models import DecoderLM
-from .placement import Placement, offloaded_logits
+from .placement import Placement, offloaded_hidden
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
+
+EVAL_BATCH_TOKENS = 8192  # tokens per evaluation forward (quant_core.plan counts one such batch)
 
 
 def logits_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:
@@ -30,17 +33,24 @@ def logits_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:
     return float(nll.double()), ids[:, 1:].numel()
 
 
+def hidden_nll(model: DecoderLM, hidden: Tensor, ids: Tensor) -> tuple[float, int]:
+    """Summed next-token NLL from (B, L, d) final hidden states, the vocabulary walked in chunks."""
+    d = hidden.shape[-1]
+    # position t predicts token t+1: (B, L-1, d) -> (B*(L-1), d) against (B*(L-1),)
+    return nll_sum(hidden[:, :-1].reshape(-1, d), model.lm_head.weight, ids[:, 1:].reshape(-1))
+
+
 @torch.no_grad()
 def window_nll(model: DecoderLM, ids: Tensor) -> tuple[float, int]:
     """Summed next-token NLL of a (B, L) batch and the number of predicted tokens."""
-    return logits_nll(model(ids), ids)
+    return hidden_nll(model, model.hidden(ids), ids)
 
 
 def perplexity(
     model: DecoderLM,
     windows: Tensor,
     *,
-    batch_tokens: int = 16384,
+    batch_tokens: int = EVAL_BATCH_TOKENS,
     progress: ProgressFn = no_progress,
     should_cancel: CancelFn = never_cancel,
     stage: str = "evaluate",
@@ -62,10 +72,10 @@ def perplexity(
     progress(stage, 0.0, {"windows": 0, "of": windows.shape[0]})  # marks the stage's start for timings
     if placement is not None and placement.offload:
         batches = [windows[s : s + batch] for s in range(0, windows.shape[0], batch)]
-        logits = offloaded_logits(model, batches, placement, progress=progress, should_cancel=should_cancel,
+        hidden = offloaded_hidden(model, batches, placement, progress=progress, should_cancel=should_cancel,
                                   stage=stage)
-        for ids, lg in zip(batches, logits):
-            nll, n = logits_nll(lg, ids.to(lg.device))
+        for ids, h in zip(batches, hidden):  # lm_head is on the compute device while each batch is scored
+            nll, n = hidden_nll(model, h, ids.to(h.device))
             total, count = total + nll, count + n
         progress(stage, 1.0, {"windows": windows.shape[0], "of": windows.shape[0]})
         return math.exp(total / count)

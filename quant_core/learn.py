@@ -1,10 +1,13 @@
 """Rotation learning (TRAIN_ROTATION): R1 and every R2 by Cayley SGD on the Stiefel manifold.
 
-The loss is next-token cross-entropy of the fake-quantized model; every fake quantizer is a
-straight-through estimator, so gradients reach R1/R2 through the rotated weights, which are
-formed on the fly in float64 each forward (nothing is merged while learning). Model weights stay
-frozen. With no quantizer in the loss the loss is exactly rotation-invariant and gives no signal,
-so callers must enable activation/KV (or weight) quantization first.
+The loss (train.loss) is the KL divergence from the FP model's next-token distribution to the
+fake-quantized model's, at every position of the same batch (the default: the FP logits are one
+no-grad forward, and what learning follows is the quantization error, not the batch), or SpinQuant's
+next-token cross-entropy. Every fake quantizer is a straight-through estimator, so gradients reach
+R1/R2 through the rotated weights, which are formed on the fly in float64 each forward (nothing is
+merged while learning). Model weights stay frozen. With no quantizer in the loss the loss is exactly
+rotation-invariant and gives no signal, so callers must enable activation/KV (or weight) quantization
+first. Neither loss materialises a batch's full-vocabulary logits (quant_core.losses).
 
 Example:
     >>> result = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel)
@@ -19,14 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from .cayley import cayley_step, cosine_lr, orthogonality_error, reorthonormalize
 from .config import SpinQuantConfig
-from .models import DecoderLM
+from .losses import head_loss
+from .models import DecoderLM, QuantRuntime
 from .placement import Placement, visiting
 from .progress import CancelFn, ProgressFn, check_cancel
 from .quantizers import fake_quant_weight
@@ -70,13 +73,14 @@ def rotated_params(model: DecoderLM, r1: Tensor, r2s: list[Tensor], w_bits: int,
     }
 
 
-def learning_forward(model: DecoderLM, ids: Tensor, r1: Tensor, r2s: list[Tensor], w_bits: int,
-                     cfg: SpinQuantConfig, checkpoint_layers: bool, place: Placement | None = None) -> Tensor:
-    """Logits of the unmerged rotated model. With checkpointing, each layer's rotated weights and
-    activations are recomputed in backward, so memory holds one layer's float64 weights at a time.
+def learning_hidden(model: DecoderLM, ids: Tensor, r1: Tensor, r2s: list[Tensor], w_bits: int,
+                    cfg: SpinQuantConfig, checkpoint_layers: bool, place: Placement | None = None) -> Tensor:
+    """Final hidden states (B, L, d) of the unmerged rotated model, in the basis the lm_head reads (after R1^T).
+    With checkpointing, each layer's rotated weights and activations are recomputed in backward, so memory
+    holds one layer's float64 weights at a time.
 
-    With ``place.offload`` (checkpointing required) the weights rest in host memory and each layer visits
-    the compute device twice per micro-batch: in the forward, and again when backward recomputes it."""
+    With ``place.offload`` (checkpointing required) the weights rest in host memory and each layer visits the
+    compute device twice per micro-batch: in the forward, and again when backward recomputes it."""
     place = place or Placement(str(ids.device))
     assert checkpoint_layers or not place.offload, "offloaded learning needs checkpoint_layers"
     with visiting(model.model.embed_tokens, place):
@@ -93,14 +97,39 @@ def learning_forward(model: DecoderLM, ids: Tensor, r1: Tensor, r2s: list[Tensor
             h = checkpoint(run_layer, i, h, r1, r2s[i], use_reentrant=False)
         else:
             h = run_layer(i, h, r1, r2s[i])
-    with visiting(model.model.norm, place), visiting(model.lm_head, place):
-        return model.head(h, r1)
+    with visiting(model.model.norm, place):
+        return model.final_hidden(h, r1)
 
 
-def lm_loss(logits: Tensor, ids: Tensor) -> Tensor:
-    """Next-token cross-entropy; labels are the inputs shifted by one."""
-    # (B, L, V) -> (B*(L-1), V) against (B*(L-1),)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+@torch.no_grad()
+def teacher_hidden(model: DecoderLM, ids: Tensor, rt: QuantRuntime | None, place: Placement | None = None) -> Tensor:
+    """The FP model's final hidden states (B, L, d) for the KL loss: the prepared weights as they are (norms
+    folded, R4 fused, nothing rotated: the function does not depend on R1/R2) with ``rt``'s online
+    transforms and no quantizer."""
+    place = place or Placement(str(ids.device))
+    with visiting(model.model.embed_tokens, place):
+        h = model.embed(ids)
+    cos, sin = model.rope(ids.shape[1], ids.device, h.dtype)
+    for layer in model.model.layers:
+        with visiting(layer, place):
+            h = layer(h, cos, sin, rt)
+    with visiting(model.model.norm, place):
+        return model.final_hidden(h)
+
+
+def batch_loss(model: DecoderLM, hidden: Tensor, ids: Tensor, teacher: Tensor | None,
+               place: Placement | None = None) -> Tensor:
+    """The learning loss of one micro-batch: KL to ``teacher`` at every position, or next-token cross-entropy
+    when ``teacher`` is None. The lm_head's gradient work is done here (quant_core.losses), so the lm_head
+    can leave the device before backward."""
+    d = hidden.shape[-1]
+    with visiting(model.lm_head, place or Placement(str(ids.device))):
+        w = model.lm_head.weight
+        if teacher is not None:
+            # (B, L, d) -> (B*L, d): every position's distribution is a target
+            return head_loss(hidden.reshape(-1, d), w, teacher=teacher.reshape(-1, d))
+        # position t predicts token t+1: (B, L-1, d) -> (B*(L-1), d)
+        return head_loss(hidden[:, :-1].reshape(-1, d), w, targets=ids[:, 1:].reshape(-1))
 
 
 def train_rotations(
@@ -112,6 +141,7 @@ def train_rotations(
     progress: ProgressFn,
     should_cancel: CancelFn,
     placement: Placement | None = None,
+    teacher_rt: QuantRuntime | None = None,
 ) -> LearnResult:
     """Learn R1 and all R2 for cfg.train.steps Cayley-SGD steps.
 
@@ -123,7 +153,8 @@ def train_rotations(
         progress: called once per step with {"step", "loss", "grad_norm", "orth_error", "lr"}.
         should_cancel: checked before every step.
         placement: with ``offload``, the weights stay in host memory and stream layer by layer
-            (learning_forward); needs train.checkpoint_layers.
+            (learning_hidden); needs train.checkpoint_layers.
+        teacher_rt: the FP model's online transforms (R3/R4, no quantizer), for train.loss = kl.
     """
     tc = cfg.train
     assert blocks.ndim == 2 and blocks.shape[0] >= 1, f"blocks must be (N, L), got {tuple(blocks.shape)}"
@@ -145,8 +176,9 @@ def train_rotations(
             idx = torch.arange(cursor, cursor + tc.micro_batch) % n
             cursor = (cursor + tc.micro_batch) % n
             ids = blocks[idx].to(device)
-            logits = learning_forward(model, ids, r1, r2s, w_bits, cfg, tc.checkpoint_layers, placement)
-            loss = lm_loss(logits, ids) / accum
+            teacher = teacher_hidden(model, ids, teacher_rt, placement) if tc.loss == "kl" else None
+            hidden = learning_hidden(model, ids, r1, r2s, w_bits, cfg, tc.checkpoint_layers, placement)
+            loss = batch_loss(model, hidden, ids, teacher, placement) / accum
             loss.backward()
             step_loss += float(loss.detach())
         grads = [r1.grad, *(r.grad for r in r2s)]

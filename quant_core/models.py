@@ -169,6 +169,11 @@ class QuantRuntime:
 # -- modules ---------------------------------------------------------------------------------------
 
 
+def quant_input(x: Tensor, rt: QuantRuntime | None) -> Tensor:
+    """A linear input through the activation quantizer (identity without a runtime or at 16 bits)."""
+    return x if rt is None else rt.act(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float) -> None:
         super().__init__()
@@ -219,10 +224,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(arch.n_heads * hd, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rt: QuantRuntime | None) -> Tensor:
+        return self.o_proj(self.mix(quant_input(x, rt), cos, sin, rt))  # one shared quantizer for q/k/v
+
+    def mix(self, x: Tensor, cos: Tensor, sin: Tensor, rt: QuantRuntime | None) -> Tensor:
+        """Attention from the (quantized) q/k/v input to the o_proj input (B, L, n_h*hd), quantized as o_proj
+        reads it. GPTQ runs forward's pieces one at a time (convert.py): the very same operations."""
         a = self.arch
         bsz, seq, _ = x.shape
-        if rt is not None:
-            x = rt.act(x)  # one shared quantizer for the q/k/v input
         # (B, L, n*hd) -> (B, n, L, hd)
         q = self.q_proj(x).view(bsz, seq, a.n_heads, a.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seq, a.n_kv, a.head_dim).transpose(1, 2)
@@ -246,9 +254,7 @@ class Attention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         o = o.transpose(1, 2).reshape(bsz, seq, a.n_heads * a.head_dim)  # (B, n_h, L, hd) -> (B, L, n_h*hd)
-        if rt is not None:
-            o = rt.act(o, rt.o_group)
-        return self.o_proj(o)
+        return o if rt is None else rt.act(o, rt.o_group)
 
 
 class MLP(nn.Module):
@@ -259,14 +265,16 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate, arch.hidden, bias=False)
 
     def forward(self, x: Tensor, rt: QuantRuntime | None) -> Tensor:
-        if rt is not None:
-            x = rt.act(x)  # shared by gate and up
+        return self.down_proj(self.inner(quant_input(x, rt), rt))  # one shared quantizer for gate/up
+
+    def inner(self, x: Tensor, rt: QuantRuntime | None) -> Tensor:
+        """From the (quantized) gate/up input to the down_proj input: silu(gate) * up, the online R4, quantized."""
         a = F.silu(self.gate_proj(x)) * self.up_proj(x)
         if rt is not None:
             if rt.r4 is not None:
                 a = apply_plan(a.float(), rt.r4).to(x.dtype)  # online half of R4
             a = rt.act(a)
-        return self.down_proj(a)
+        return a
 
 
 class DecoderLayer(nn.Module):
@@ -318,18 +326,24 @@ class DecoderLM(nn.Module):
             h = (h.double() @ r1).to(h.dtype)
         return h
 
-    def head(self, h: Tensor, r1: Tensor | None = None) -> Tensor:
+    def final_hidden(self, h: Tensor, r1: Tensor | None = None) -> Tensor:
+        """The final norm (and R1^T in the learning form): what lm_head reads, (B, L, d)."""
         h = self.model.norm(h)
         if r1 is not None:
             h = (h.double() @ r1.T).to(h.dtype)
-        return self.lm_head(h)
+        return h
 
-    def forward(self, ids: Tensor, r1: Tensor | None = None) -> Tensor:
+    def hidden(self, ids: Tensor, r1: Tensor | None = None) -> Tensor:
+        """The final hidden states of (B, L) ids, (B, L, d): the forward without the lm_head, so losses can
+        walk the vocabulary in chunks (quant_core.losses) instead of holding (B, L, V) logits."""
         h = self.embed(ids, r1)
         cos, sin = self.rope(ids.shape[1], ids.device, h.dtype)
         for layer in self.model.layers:
             h = layer(h, cos, sin, self.quant)
-        return self.head(h, r1)
+        return self.final_hidden(h, r1)
+
+    def forward(self, ids: Tensor, r1: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.hidden(ids, r1))
 
 
 # -- loading -----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .learn import train_rotations
 from .models import (
     ArchSpec, DecoderLM, ModelError, QuantRuntime, arch_from_config, load_model, resolve_model, weight_files,
 )
-from .placement import Placement, offloaded_logits, pick_device
+from .placement import Placement, offloaded_hidden, pick_device
 from .plan import decide as placement_decision
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 from .rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
@@ -130,12 +130,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+PROBE_POSITIONS = 32  # the invariance probe's logits: this many evenly spaced positions of the first window
+
+
 @torch.no_grad()
-def _logits(model: DecoderLM, ids: Tensor, place: Placement) -> Tensor:
+def _probe_logits(model: DecoderLM, ids: Tensor, place: Placement) -> Tensor:
+    """Logits (1, P, V) at PROBE_POSITIONS positions of one (1, L) window, float32 on the CPU: the whole
+    window runs (every position attends to those before it), only P rows meet the lm_head."""
+    pos = torch.linspace(0, ids.shape[1] - 1, min(PROBE_POSITIONS, ids.shape[1])).round().long()
     if place.offload:
-        (logits,) = list(offloaded_logits(model, [ids], place))  # run to the end: lm_head goes home
-        return logits.float().cpu()
-    return model(ids.to(model.lm_head.weight.device)).float().cpu()
+        for h in offloaded_hidden(model, [ids], place):  # scored while the lm_head is on the device
+            out = model.lm_head(h[:, pos.to(h.device)])
+        return out.float().cpu()
+    h = model.hidden(ids.to(model.lm_head.weight.device))
+    return model.lm_head(h[:, pos.to(h.device)]).float().cpu()
 
 
 def quantize_model(
@@ -191,7 +199,7 @@ def quantize_model(
     fp_ppl = perplexity(model, windows, progress=progress, should_cancel=should_cancel, stage="evaluate_fp",
                         placement=place)
     probe = windows[:1]
-    fp_logits = _logits(model, probe, place)
+    fp_logits = _probe_logits(model, probe, place)
     zero_shot: dict[str, Any] = {}
     if cfg.zero_shot_tasks:
         zero_shot["fp"] = evaluate_zero_shot(model, tokenizer, list(cfg.zero_shot_tasks))
@@ -221,11 +229,12 @@ def quantize_model(
         blocks = train_blocks(calib_tokens, cfg.train.samples, cfg.calib.seq_len)
         model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits, learning=True)
         try:
-            res = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel, placement=place)
+            res = train_rotations(model, cfg, blocks, r1, r2s, progress, should_cancel, placement=place,
+                                  teacher_rt=build_runtime(cfg, arch, plans, a_bits=16, kv_bits=16))
         finally:
             model.quant = None
         r1, r2s, loss_curve = res.r1, res.r2s, res.loss_curve
-        learn_info = {"max_orth_error": res.max_orth_error, "grad_norms": res.grad_norms,
+        learn_info = {"loss": cfg.train.loss, "max_orth_error": res.max_orth_error, "grad_norms": res.grad_norms,
                       "train_blocks": int(blocks.shape[0]), "train_w_bits": cfg.train_w_bits}
     timings["learn"] = time.perf_counter() - t0
 
@@ -235,7 +244,7 @@ def quantize_model(
         assert r1 is not None
         merge_rotations(model, r1, r2s)
         model.quant = build_runtime(cfg, arch, plans, a_bits=16, kv_bits=16)  # online R3/R4 only
-        invariance = float((_logits(model, probe, place) - fp_logits).abs().max())
+        invariance = float((_probe_logits(model, probe, place) - fp_logits).abs().max())
     qweights: dict[str, GPTQResult] = {}
     if cfg.weights.bits < 16:
         calib = None

@@ -4,13 +4,13 @@ A model whose weights do not fit one GPU can still be evaluated and GPTQ-quantiz
 go layer by layer: the hidden states of every window pass through layer i before layer i+1 is needed.
 ``python -m quant_core plan`` says when a job needs this ("offload: N GiB on GPU"); the pipeline then
 loads the model into host memory and runs those stages through :func:`visiting` and
-:func:`offloaded_logits`. Rotation learning streams too (quant_core.learn): with layer checkpointing each
+:func:`offloaded_hidden`. Rotation learning streams too (quant_core.learn): with layer checkpointing each
 layer visits in the forward and again when backward recomputes it, so only one layer's weights (and the
 layer inputs saved by the checkpoints) are on the GPU at a time.
 
 Example:
     >>> place = Placement("cuda", offload=True)
-    >>> for logits in offloaded_logits(model, batches, place): ...
+    >>> for hidden in offloaded_hidden(model, batches, place): ...
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def visiting(module: nn.Module, place: Placement) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def offloaded_logits(
+def offloaded_hidden(
     model: nn.Module,
     batches: Sequence[Tensor],
     place: Placement,
@@ -73,11 +73,12 @@ def offloaded_logits(
     should_cancel: CancelFn = never_cancel,
     stage: str = "evaluate",
 ) -> Iterator[Tensor]:
-    """Logits of each (B, L) id batch, computed layer by layer with every batch's hidden state kept in
-    host memory between layers. The same operations on the same batches as ``model(ids)``, so the
-    values are identical; only where the weights sit differs.
+    """Final hidden states of each (B, L) id batch, computed layer by layer with every batch's hidden state
+    kept in host memory between layers. The same operations on the same batches as ``model.hidden(ids)``,
+    so the values are identical; only where the weights sit differs.
 
-    Yields (B, L, V) logits on the compute device, one per batch, after the last layer has run.
+    Yields (B, L, d) final hidden states on the compute device, one per batch, after the last layer has run;
+    the lm_head is on the compute device while the consumer holds each one (it scores them there).
     ``progress(stage, fraction, {"layer": i, "of": n})`` is called after every layer.
     """
     dev = torch.device(place.compute)
@@ -93,7 +94,7 @@ def offloaded_logits(
         progress(stage, (i + 1) / (n_layers + 1), {"layer": i + 1, "of": n_layers})
     with visiting(model.model.norm, place), visiting(model.lm_head, place):
         for h in hidden:
-            yield model.head(h.to(dev))
+            yield model.final_hidden(h.to(dev))
 
 
-__all__ = ["Placement", "offloaded_logits", "pick_device", "visiting"]
+__all__ = ["Placement", "offloaded_hidden", "pick_device", "visiting"]

@@ -6,7 +6,7 @@ import torch
 
 from quant_core.config import make_config
 from quant_core.hadamard import plan_hadamard, random_hadamard_matrix
-from quant_core.learn import learning_forward, lm_loss
+from quant_core.learn import batch_loss, learning_hidden
 from quant_core.models import QuantRuntime, load_model, resolve_model
 from quant_core.rotation import fold_norms, merge_rotations
 
@@ -30,7 +30,7 @@ def test_checkpointed_forward_has_identical_loss_and_gradients(tiny_dir) -> None
         r1.requires_grad_(True)
         for r in r2s:
             r.requires_grad_(True)
-        loss = lm_loss(learning_forward(model, ids, r1, r2s, 4, cfg, ckpt), ids)
+        loss = batch_loss(model, learning_hidden(model, ids, r1, r2s, 4, cfg, ckpt), ids, None)
         loss.backward()
         grads.append((float(loss.detach()), r1.grad.clone(), [r.grad.clone() for r in r2s]))
     (l0, g0, h0), (l1, g1, h1) = grads
@@ -43,7 +43,7 @@ def test_learning_forward_equals_merged_model_without_quantizers(tiny_dir) -> No
     cfg = make_config("spinquant", w_bits=4)
     model, r1, r2s, ids = _setup(tiny_dir, "llama-odd")
     with torch.no_grad():
-        learned = learning_forward(model, ids, r1, r2s, 16, cfg, True)
+        learned = model.lm_head(learning_hidden(model, ids, r1, r2s, 16, cfg, True))
         merge_rotations(model, r1, r2s)
         merged = model(ids)
     assert (learned - merged).abs().max().item() <= 1e-4

@@ -16,7 +16,7 @@ from quant_core.config import ConfigError, make_config
 from quant_core.evaluate import perplexity
 from quant_core.models import QuantRuntime, load_model, resolve_model
 from quant_core.pipeline import quantize_model
-from quant_core.placement import Placement, offloaded_logits, pick_device, visiting
+from quant_core.placement import Placement, offloaded_hidden, pick_device, visiting
 from quant_core.plan import decide
 from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
 
@@ -30,15 +30,15 @@ def _llama_config(name: str) -> dict:
     return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
-def test_offloaded_logits_equal_the_whole_forward() -> None:
+def test_offloaded_hidden_states_equal_the_whole_forward() -> None:
     model = load_model(resolve_model(str(MODELS / "llama-tiny")))
     model.quant = QuantRuntime(a_bits=4, kv_bits=4)
     ids = torch.randint(0, 1024, (3, 64), generator=torch.Generator().manual_seed(0))
     batches = [ids[:2], ids[2:]]
     with torch.no_grad():
-        whole = [model(b) for b in batches]
+        whole = [model.hidden(b) for b in batches]
     seen: list[int] = []
-    streamed = list(offloaded_logits(model, batches, Placement("cpu", offload=True),
+    streamed = list(offloaded_hidden(model, batches, Placement("cpu", offload=True),
                                      progress=lambda stage, f, info: seen.append(info["layer"])))
     assert all(torch.equal(a, b) for a, b in zip(whole, streamed))
     assert seen == [1, 2, 3, 4]  # one progress call per layer
@@ -169,7 +169,7 @@ def test_plan_cli_prints_the_job_placement() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_offloaded_learning_step_has_one_layer_on_the_gpu_at_a_time() -> None:
     from quant_core.hadamard import random_hadamard_matrix
-    from quant_core.learn import learning_forward, lm_loss
+    from quant_core.learn import batch_loss, learning_hidden
     from quant_core.rotation import fold_norms
 
     model = load_model(resolve_model(str(MODELS / "llama-tiny")))
@@ -184,7 +184,8 @@ def test_cuda_offloaded_learning_step_has_one_layer_on_the_gpu_at_a_time() -> No
         lambda _m, _a: on_gpu.append(sum(p.is_cuda for l in model.model.layers for p in l.parameters())))
         for layer in model.model.layers]
     cfg = make_config("spinquant", w_bits=16, a_bits=4, kv_bits=4)
-    lm_loss(learning_forward(model, ids, r1, r2s, 16, cfg, True, Placement("cuda", offload=True)), ids).backward()
+    place = Placement("cuda", offload=True)
+    batch_loss(model, learning_hidden(model, ids, r1, r2s, 16, cfg, True, place), ids, None, place).backward()
     for h in hooks:
         h.remove()
     assert len(on_gpu) == 8  # 4 forwards + 4 recomputes in backward
