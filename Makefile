@@ -46,6 +46,10 @@ serve: setup
 bench-accuracy: setup
 	$(PY) bench/accuracy.py --json runs/bench/accuracy.json
 
+# The real-model benchmark (SmolLM2-135M): hours on 2 cores; --sections picks parts (bench/real.py --help).
+bench-real: setup real-model
+	$(PY) bench/real.py --json runs/bench/real.json
+
 bench-service: setup
 	$(PY) bench/service.py --json runs/bench/service.json
 

@@ -21,6 +21,10 @@ float16, because the GPTQ folder stores float16 scales and GPTQModel's CPU kerne
 computes in float16/bfloat16 only; with a float16 job the scales are exact in both folders
 (the report's ``gptq_export.scales_exact_in_fp16``), so the weights must agree bit for bit.
 
+With ``--quantize --model DIR`` it is instead the peer row of bench/real.py: GPTQModel quantizes the model
+itself (W4, --group-size, its other defaults: symmetric, no act-order, damp 0.05, group-aware reordering)
+on quant_core's calibration windows, and the result is scored on quant_core's evaluation windows.
+
 Checks (JSON ``checks``, exit 1 if one fails):
 - every decoder linear GPTQModel dequantizes from gptq/ equals our runtime's weight from model/;
 - max |logit diff| of GPTQModel against our runtime, both in float16 on the CPU, on fixed ids;
@@ -70,12 +74,80 @@ def _stub_torchvision() -> None:
             sys.modules[name] = _Absent(name)
 
 
+def quantize_main(args: argparse.Namespace) -> int:
+    """GPTQModel's own GPTQ on a local HF folder, with its defaults but the bits and group size, on our
+    calibration windows; perplexity of the reloaded result on our evaluation windows (quant_core's protocol)."""
+    import tempfile
+
+    from quant_core.calibration import (
+        calibration_windows, encode, eval_windows, load_text, load_tokenizer, with_bos,
+    )
+    from quant_core.evaluate import logits_nll
+
+    dtype = getattr(torch, args.dtype)
+    tok = load_tokenizer(args.model)
+    windows = eval_windows(encode(tok, load_text(f"file:{args.eval_text}", "test")), args.seq_len, args.eval_windows)
+    calib = calibration_windows(with_bos(tok, encode(tok, load_text(f"file:{args.calib_text}", "train"))),
+                                args.calib_samples, args.seq_len, 0)
+
+    _stub_torchvision()
+    import gptqmodel
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    qc = QuantizeConfig(bits=4, group_size=args.group_size, device="cpu")  # the rest: GPTQModel's defaults
+    t0 = time.perf_counter()
+    model = GPTQModel.load(str(args.model), qc, dtype=dtype)
+    rows = [{"input_ids": w[None], "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)} for w in calib]
+    model.quantize(rows, batch_size=1, calibration_sort=None)  # our windows, in our order
+    quant_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-") as tmp:
+        model.save(tmp)
+        del model
+        peer = GPTQModel.load(tmp, device="cpu", backend=BACKEND.TORCH, dtype=dtype)
+        hf = peer.model.eval()
+        total, count = 0.0, 0
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            for w in windows.split(4):
+                nll, n = logits_nll(hf(w).logits, w)
+                total, count = total + nll, count + n
+        eval_s = time.perf_counter() - t1
+    ppl = math.exp(total / count)
+    result = {"peer": f"gptqmodel {gptqmodel.__version__}", "torch": torch.__version__, "dtype": args.dtype,
+              "quantize_config": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                                  for k, v in qc.to_dict().items()},
+              "group_size": args.group_size, "seq_len": args.seq_len, "calib_samples": args.calib_samples,
+              "windows": int(windows.shape[0]), "ppl": ppl, "quantize_s": quant_s, "eval_s": eval_s}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"{result['peer']} W4A16 g{args.group_size}: ppl {ppl:.4f} over {result['windows']} windows "
+          f"(quantize {quant_s:.0f} s, eval {eval_s:.0f} s)")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--job", type=Path, required=True, help="a quantize --out folder with model/ and gptq/")
+    p.add_argument("--job", type=Path, help="a quantize --out folder with model/ and gptq/ (the loader check)")
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--quantize", action="store_true", help="GPTQModel quantizes --model itself (the peer row)")
+    p.add_argument("--model", type=Path, help="with --quantize: a local HF folder")
+    p.add_argument("--calib-text", type=Path, default=ROOT / "tests/fixtures/text/train.txt")
+    p.add_argument("--eval-text", type=Path, default=ROOT / "tests/fixtures/text/test.txt")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--eval-windows", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     args = p.parse_args()
     torch.set_num_threads(2)
+    if args.quantize:
+        if args.model is None or not (args.model / "config.json").is_file():
+            print("error: --quantize needs --model, a local HF folder with config.json", file=sys.stderr)
+            return 2
+        return quantize_main(args)
+    if args.job is None:
+        print("error: give --job (the loader check) or --quantize --model DIR (the peer row)", file=sys.stderr)
+        return 2
 
     from quant_core.calibration import encode, eval_windows, load_text, load_tokenizer
     from quant_core.evaluate import logits_nll

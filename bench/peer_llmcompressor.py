@@ -81,9 +81,11 @@ def encode(tokenizer: Any, text: str, bos: bool) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def eval_windows(tokens: torch.Tensor, seq_len: int = SEQ_LEN) -> torch.Tensor:
+def eval_windows(tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_windows: int = 0) -> torch.Tensor:
     n = tokens.numel() // seq_len
-    return tokens[: n * seq_len].view(n, seq_len)  # (N, L), tail dropped
+    if max_windows:
+        n = min(n, max_windows)
+    return tokens[: n * seq_len].view(n, seq_len)  # (N, L), tail dropped; the first max_windows when > 0
 
 
 def calibration_windows(tokens: torch.Tensor, samples: int = CALIB_SAMPLES, seq_len: int = SEQ_LEN,
@@ -111,6 +113,15 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 16) -
 # ----------------------------------------------------------------------------- llm-compressor
 
 
+def w4a16_group(group_size: int) -> dict[str, Any]:
+    """config_groups for the W4A16 preset's weights (int4 sym static groups) at another group size: SmolLM2's
+    hidden 576 is not a multiple of 128, so its preset's group 128 cannot apply there (a ValueError)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size, dynamic=False))}
+
+
 def w4a4_groups(weight_strategy: str) -> dict[str, Any]:
     """config_groups for int4 sym static weights (per channel) + int4 sym dynamic per-token inputs."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -126,8 +137,9 @@ def w4a4_groups(weight_strategy: str) -> dict[str, Any]:
     }
 
 
-# name -> (SpinQuant kwargs, weight scheme: "channel", "preset" or "channel-noactorder")
-VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+# name -> (SpinQuant kwargs or None for no rotation, weight scheme: "channel", "preset", "channel-noactorder"
+# or "w4a16-g128" / "w4a16-g64" (the W4A16 preset: int4 symmetric group weights, activations unquantized))
+VARIANTS: dict[str, tuple[dict[str, Any] | None, str]] = {
     "main": (dict(rotations=["R1", "R2", "R4"], transform_type="hadamard", transform_block_size=128), "channel"),
     "main_actorder_off": (dict(rotations=["R1", "R2", "R4"], transform_type="hadamard", transform_block_size=128),
                           "channel-noactorder"),
@@ -136,13 +148,22 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "r4_full_hadamard": (dict(rotations=["R1", "R2", "R4"], transform_type="hadamard"), "channel"),
     "r1r2_only": (dict(rotations=["R1", "R2"], transform_type="hadamard"), "channel"),
     "r4_full_random_hadamard": (dict(rotations=["R1", "R2", "R4"], transform_type="random-hadamard"), "channel"),
+    "gptq_w4a16_g128": (None, "w4a16-g128"),
+    "gptq_w4a16_g64": (None, "w4a16-g64"),
 }
 
 
-def make_recipe(spin_kwargs: dict[str, Any], weights: str) -> tuple[list[Any], str]:
+def make_recipe(spin_kwargs: dict[str, Any] | None, weights: str) -> tuple[list[Any], str]:
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.transform import SpinQuantModifier
 
+    if weights == "w4a16-g128":  # plain GPTQ with the tool's defaults for its W4A16 preset
+        gptq = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+        return [gptq], 'GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])  # group-128 sym, defaults'
+    if weights == "w4a16-g64":  # the same at group 64 (what divides a 576 hidden size), the tool's other defaults
+        gptq = GPTQModifier(config_groups=w4a16_group(64), ignore=["lm_head"])
+        return [gptq], 'GPTQModifier(config_groups={"group_0": W4A16 preset weights, group_size=64}, ignore=["lm_head"])'
+    assert spin_kwargs is not None
     spin = SpinQuantModifier(**spin_kwargs)
     if weights == "preset":
         gptq = GPTQModifier(targets="Linear", scheme="W4A4", ignore=["lm_head"])
@@ -278,11 +299,13 @@ def verify(model: torch.nn.Module, windows: torch.Tensor, block: int | None, w4a
 
 
 def run_variant(name: str, load: Callable[[], torch.nn.Module], tokenizer: Any, calib: torch.Tensor,
-                windows: torch.Tensor, with_checks: bool) -> dict[str, Any]:
+                windows: torch.Tensor, with_checks: bool, fp_seconds: float) -> dict[str, Any]:
     spin_kwargs, weights = VARIANTS[name]
     recipe, recipe_txt = make_recipe(spin_kwargs, weights)
     out: dict[str, Any] = {"recipe": recipe_txt}
+    t_load = time.perf_counter()
     model = load()
+    out["load_seconds"] = round(time.perf_counter() - t_load, 1)
     t0 = time.perf_counter()
     try:
         run_oneshot(model, tokenizer, calib, recipe)
@@ -294,9 +317,13 @@ def run_variant(name: str, load: Callable[[], torch.nn.Module], tokenizer: Any, 
     wargs = [m.quantization_scheme.weights for m in quantized_linears(model).values()]
     out["weight_args"] = sorted({f"strategy={getattr(w.strategy, 'value', w.strategy)} group_size={w.group_size} "
                                  f"actorder={getattr(w.actorder, 'value', w.actorder)}" for w in wargs})
-    out["w4a4_ppl"] = perplexity(model, windows)
+    t_eval = time.perf_counter()
+    out["ppl"] = out["w4a4_ppl"] = perplexity(model, windows)
+    out["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    if with_checks:
+    # What our pipeline's timings_s.total covers: load, FP evaluation, rotation + calibration + GPTQ, evaluation.
+    out["wall_s"] = round(out["load_seconds"] + fp_seconds + out["seconds"], 1)
+    if with_checks and spin_kwargs is not None:
         out["checks"] = verify(model, windows, spin_kwargs.get("transform_block_size") if "R4" in
                                spin_kwargs["rotations"] else None, out["w4a4_ppl"])
     return out
@@ -311,6 +338,10 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma list from {list(VARIANTS)}; 'main' gives w4a4_ppl (default: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    ap.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES)
+    ap.add_argument("--eval-windows", type=int, default=0, help="the first N evaluation windows (0: all)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -321,11 +352,14 @@ def main() -> None:
 
     t_all = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    windows = eval_windows(encode(tokenizer, Path(args.eval_text).read_text(encoding="utf-8"), bos=False))
-    calib = calibration_windows(encode(tokenizer, Path(args.calib_text).read_text(encoding="utf-8"), bos=True))
+    windows = eval_windows(encode(tokenizer, Path(args.eval_text).read_text(encoding="utf-8"), bos=False),
+                           args.seq_len, args.eval_windows)
+    calib = calibration_windows(encode(tokenizer, Path(args.calib_text).read_text(encoding="utf-8"), bos=True),
+                                args.calib_samples, args.seq_len)
+    dtype = getattr(torch, args.dtype)
 
     def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
 
     t0 = time.perf_counter()
     fp_ppl = perplexity(load(), windows)
@@ -335,7 +369,8 @@ def main() -> None:
     variants = {}
     for name in names:
         print(f"--- variant {name}", flush=True)
-        variants[name] = run_variant(name, load, tokenizer, calib, windows, with_checks=(name == "main"))
+        variants[name] = run_variant(name, load, tokenizer, calib, windows, with_checks=(name == "main"),
+                                     fp_seconds=fp_seconds)
         print(json.dumps({k: v for k, v in variants[name].items() if k != "checks"}), flush=True)
 
     main_v = variants.get("main", {})
@@ -346,8 +381,10 @@ def main() -> None:
         "torch": torch.__version__,
         "model": args.model,
         "model_sha256": hashlib.sha256((Path(args.model) / "model.safetensors").read_bytes()).hexdigest(),
-        "eval": {"text": args.eval_text, "seq_len": SEQ_LEN, "windows": int(windows.shape[0]), "bos": False},
-        "calib": {"text": args.calib_text, "seq_len": SEQ_LEN, "samples": CALIB_SAMPLES, "seed": SEED, "bos": True},
+        "dtype": args.dtype,
+        "eval": {"text": args.eval_text, "seq_len": args.seq_len, "windows": int(windows.shape[0]), "bos": False},
+        "calib": {"text": args.calib_text, "seq_len": args.seq_len, "samples": args.calib_samples, "seed": SEED,
+                  "bos": True},
         "fp_ppl": fp_ppl,
         "fp_seconds": round(fp_seconds, 1),
         "w4a4_ppl": main_v.get("w4a4_ppl"),
@@ -362,11 +399,11 @@ def main() -> None:
 
     print(f"\n{report['peer']}  compressed-tensors {report['compressed_tensors']}  "
           f"transformers {report['transformers']}  torch {report['torch']}")
-    print(f"{'variant':<26} {'ppl':>12} {'seconds':>9}")
+    print(f"{'variant':<26} {'ppl':>12} {'wall s':>9}")
     print(f"{'fp32':<26} {fp_ppl:>12.4f} {fp_seconds:>9.1f}")
     for name, v in variants.items():
         ppl = f"{v['w4a4_ppl']:.4f}" if "w4a4_ppl" in v else "error"
-        print(f"{name:<26} {ppl:>12} {v['seconds']:>9.1f}")
+        print(f"{name:<26} {ppl:>12} {v.get('wall_s', v['seconds']):>9.1f}")
         if "error" in v:
             print(f"    {v['error'][:200]}")
     if report["checks"]:

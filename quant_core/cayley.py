@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -66,3 +67,38 @@ def cosine_lr(base_lr: float, step: int, total: int) -> float:
     if total <= 0:
         return base_lr
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / total))
+
+
+@dataclass
+class AdamState:
+    """Riemannian Adam's moments for one rotation: m (tangent, transported by projection) and v (elementwise)."""
+
+    m: Tensor
+    v: Tensor
+    t: int = 0
+
+    @classmethod
+    def like(cls, r: Tensor) -> AdamState:
+        return cls(torch.zeros_like(r, dtype=torch.float64), torch.zeros_like(r, dtype=torch.float64))
+
+
+def cayley_adam_step(r: Tensor, g: Tensor, state: AdamState, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                     eps: float = 1e-8) -> Tensor:
+    """One Riemannian Adam step on the orthogonal group (Becigneul & Ganea, 2019) with the exact Cayley retraction.
+
+    The Euclidean gradient is projected to the tangent space (A R with A = skew_direction(R, G)), Adam's
+    bias-corrected moments scale it per entry, the scaled direction is projected again by the Cayley step
+    (which keeps R orthogonal to ~1e-15), and the first moment is transported to the new point by projection.
+    Per-entry scaling matters for R1: a few channels carry most of the gradient, and plain SGD moves the rest
+    only as fast as they allow. ``state`` is updated in place.
+    """
+    b1, b2 = betas
+    r64 = r.double()
+    rg = skew_direction(r64, g.double()) @ r64  # the Riemannian gradient, a tangent vector at R
+    state.t += 1
+    state.m.mul_(b1).add_(rg, alpha=1 - b1)
+    state.v.mul_(b2).addcmul_(rg, rg, value=1 - b2)
+    d = (state.m / (1 - b1**state.t)) / ((state.v / (1 - b2**state.t)).sqrt() + eps)
+    new = cayley_step(r64, d, lr)
+    state.m.copy_(skew_direction(new, state.m) @ new)
+    return new.to(r.dtype)

@@ -172,7 +172,9 @@ class RotationConfig:
     r3: str = "auto"  # online Hadamard on Q and K after RoPE: auto (on when KV < 16 and rotating), on, off
     r4: str = "auto"  # online Hadamard on the down_proj input: auto, none, full, block:<b>, block:auto
     fallback: HadamardFallback = HadamardFallback.ORTHOGONAL  # sizes with no known Hadamard K
-    center_embeddings: bool = True  # E <- E - rowmean(E), as the official repo (SQ#14)
+    # E <- E - rowmean(E), as the official repo does (SQ#14). Off by default: RMSNorm does not remove the mean, so
+    # centering changes the FP model (SmolLM2-135M: invariance probe 0.52 max |logit diff| on, 1e-4 off)
+    center_embeddings: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r1r2", _choice(Rotation, self.r1r2, "rotation.r1r2"))
@@ -201,6 +203,12 @@ class TrainConfig:
     # kl: KL(FP model || quantized model) on the same batch, every position (OSTQuant's KL-Top, full vocabulary);
     # ce: next-token cross-entropy, SpinQuant's loss
     loss: str = "kl"
+    # R1 pre-fit (quant_core.prefit), before the end-to-end steps when activations are quantized: Riemannian Adam
+    # steps on the quantization error of the rotated q/k/v and gate/up inputs, sampled from prefit_blocks blocks
+    prefit_steps: int = 300
+    prefit_lr: float = 0.01
+    prefit_blocks: int = 8
+    prefit_weighting: str = "none"
 
     def __post_init__(self) -> None:
         _check_int(self.steps, "train.steps", 0, 100000)
@@ -219,6 +227,9 @@ class TrainConfig:
             _check_in(self.train_w_bits, W_BITS, "train.train_w_bits")
         _check_in(self.ste, STE_MODES, "train.ste")
         _check_in(self.loss, TRAIN_LOSSES, "train.loss")
+        _check_int(self.prefit_steps, "train.prefit_steps", 0, 100000)
+        _check_float(self.prefit_lr, "train.prefit_lr", 0.0, 10.0)
+        _check_int(self.prefit_blocks, "train.prefit_blocks", 1, 4096)
 
 
 @dataclass(frozen=True)
@@ -293,6 +304,16 @@ class SpinQuantConfig:
         return self.rotation.r1r2 is not Rotation.NONE
 
     @property
+    def prefit_on(self) -> bool:
+        """R1 is pre-fitted to the activations' own quantization error (only quantized activations have one)."""
+        return self.rotation.r1r2 is Rotation.LEARNED and self.train.prefit_steps > 0 and self.activations.bits < 16
+
+    @property
+    def learning(self) -> bool:
+        """The job learns R1/R2: a pre-fit, end-to-end steps, or both."""
+        return self.rotation.r1r2 is Rotation.LEARNED and (self.train.steps > 0 or self.prefit_on)
+
+    @property
     def r3_on(self) -> bool:
         if self.rotation.r3 == "auto":
             return self.rotating and self.kv.bits < 16
@@ -350,6 +371,7 @@ ALIASES: dict[str, str] = {
     "train_samples": "train.samples",
     "ste": "train.ste",
     "loss": "train.loss",
+    "prefit_steps": "train.prefit_steps",
     "calib_source": "calib.source",
     "calib_samples": "calib.samples",
     "seq_len": ("calib.seq_len", "eval.seq_len"),  # type: ignore[dict-item]

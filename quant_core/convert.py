@@ -24,6 +24,7 @@ from .gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
 from .models import DecoderLM, QuantRuntime, decoder_linears, layer_prefix, quant_input
 from .placement import Placement, visiting
 from .progress import CancelFn, ProgressFn, check_cancel
+from .sizes import GPTQ_MICRO_BATCH
 
 SEQUENTIAL_GROUPS = (("k_proj", "v_proj", "q_proj"), ("o_proj",), ("up_proj", "gate_proj"), ("down_proj",))
 
@@ -48,7 +49,8 @@ def _quantize_one(lin: nn.Linear, cfg: SpinQuantConfig, hessian: Tensor | None, 
     store = "cpu" if offload else res.q.device
     return replace(res, weight=None, q=res.q.to(store), scale=res.scale.to(store),
                    zero=None if res.zero is None else res.zero.to(store), g_idx=res.g_idx.to(store),
-                   perm=None if res.perm is None else res.perm.to(store))
+                   perm=None if res.perm is None else res.perm.to(store),
+                   row_loss=None if res.row_loss is None else res.row_loss.to(store))
 
 
 def quantize_weights(
@@ -58,7 +60,7 @@ def quantize_weights(
     rt_calib: QuantRuntime | None,
     progress: ProgressFn,
     should_cancel: CancelFn,
-    micro_batch: int = 8,
+    micro_batch: int = GPTQ_MICRO_BATCH,
     placement: Placement | None = None,
 ) -> dict[str, GPTQResult]:
     """Quantize every decoder linear in place (dequantized values stay in the weights) and return the
@@ -96,6 +98,31 @@ def quantize_weights(
     return results
 
 
+def _quantize_shared(linears: dict[str, nn.Linear], names: tuple[str, ...], cfg: SpinQuantConfig, hessian: Tensor,
+                     offload: bool) -> list[GPTQResult]:
+    """GPTQ of linears that read the same input (one Hessian) as one matrix: their rows stacked, so the column
+    loop runs once for the group instead of once per linear. GPTQ treats rows independently given H (the
+    scale search is per row, the error feedback is per row), so each linear gets exactly its own result."""
+    if len(names) == 1:
+        return [_quantize_one(linears[names[0]], cfg, hessian, offload)]
+    mods = [linears[n] for n in names]
+    stacked = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=False,
+                        device=mods[0].weight.device, dtype=mods[0].weight.dtype)
+    with torch.no_grad():
+        stacked.weight.copy_(torch.cat([m.weight for m in mods]))  # (sum out, in)
+    res = _quantize_one(stacked, cfg, hessian, offload)
+    assert res.row_loss is not None
+    out, start = [], 0
+    for m in mods:
+        rows = slice(start, start + m.out_features)
+        start += m.out_features
+        with torch.no_grad():
+            m.weight.copy_(stacked.weight[rows])
+        out.append(replace(res, q=res.q[rows], scale=res.scale[rows], zero=None if res.zero is None else res.zero[rows],
+                           loss=float(res.row_loss[rows].sum().item()), row_loss=None))
+    return out
+
+
 @torch.no_grad()
 def _gptq_layer(model: DecoderLM, i: int, h: Tensor, cfg: SpinQuantConfig, rt: QuantRuntime | None,
                 micro: int, place: Placement, results: dict[str, GPTQResult]) -> dict[str, Any]:
@@ -118,8 +145,7 @@ def _gptq_layer(model: DecoderLM, i: int, h: Tensor, cfg: SpinQuantConfig, rt: Q
     loss: dict[str, Any] = {}
 
     def quantize(names: tuple[str, ...], acc: HessianAccumulator) -> None:
-        for name in names:
-            res = _quantize_one(linears[name], cfg, acc.hessian, place.offload)
+        for name, res in zip(names, _quantize_shared(linears, names, cfg, acc.hessian, place.offload)):
             results[layer_prefix(name, i)] = res
             loss[name] = res.loss
 

@@ -20,8 +20,7 @@ from .losses import nll_sum
 from .models import DecoderLM
 from .placement import Placement, offloaded_hidden
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
-
-EVAL_BATCH_TOKENS = 8192  # tokens per evaluation forward (quant_core.plan counts one such batch)
+from .sizes import EVAL_BATCH_TOKENS
 
 
 def logits_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:

@@ -82,6 +82,7 @@ class GPTQResult:
     g_idx: Tensor  # (in,) int32: group of each original column
     perm: Tensor | None  # (in,) act-order permutation (processing order), None without act_order
     loss: float  # Σ over columns of |w - ŵ|² / (2·[H⁻¹]_jj²) (RTN: ½·|W - Ŵ|²)
+    row_loss: Tensor | None = None  # (out,) the same per output row (GPTQ), so stacked linears can be split
 
 
 def _damped_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
@@ -89,15 +90,19 @@ def _damped_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     assert h.dim() == 2 and h.shape[0] == h.shape[1] and h.dtype == torch.float32
     mean_diag = torch.diagonal(h).mean()
     for d in (damp, 10.0 * damp):
+        # At most two (in, in) matrices beside h at a time (d_ff = 28672: 3.3 GB each in float32).
         hd = h.clone()
         hd.diagonal().add_(d * mean_diag)
         lower, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if info.item() != 0:
             continue
         hinv = torch.cholesky_inverse(lower)
+        del lower
         # GPTQ needs rows of the inverse's upper factor: [U]_jj is the per-column
         # error scale and U[j, j:] the feedback direction.
         upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+        del hinv
         if info.item() == 0 and bool(torch.isfinite(upper).all()):
             return upper
     raise ValueError(
@@ -239,7 +244,7 @@ def gptq_quantize(
     g_idx[order] = pos_group.to(torch.int32)
     q = Qc.to(_int_dtype(bits, sym))
     weight = dequantize_weight_gidx(q, scale, zero, g_idx, sym=sym, dtype=torch.float32)
-    return GPTQResult(weight, q, scale, zero, g_idx, perm, float(losses.sum().item()))
+    return GPTQResult(weight, q, scale, zero, g_idx, perm, float(losses.sum().item()), losses)
 
 
 def rtn_quantize(

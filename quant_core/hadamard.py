@@ -278,13 +278,29 @@ def _cuda_wht_kernel():
     return hadamard_transform
 
 
-def _wht_pow2(y: torch.Tensor) -> torch.Tensor:
+DENSE_WHT_MAX = 256  # up to this size the WHT is one matmul with H_n (faster than log2(n) butterfly passes)
+
+
+@functools.lru_cache(maxsize=32)
+def _sylvester_on(n: int, scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """scale * H_n (Sylvester, symmetric) cast once per dtype/device; read-only."""
+    return (sylvester(n).double() * scale).to(device=device, dtype=dtype)
+
+
+def _wht_pow2(y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * y @ H_m over the last (power-of-two) axis."""
     # The CUDA kernel zero-pads non-powers of two, so it only ever sees the 2^m axis
     # (and only up to its 2^15 size limit).
     kernel = _cuda_wht_kernel() if y.is_cuda else None
     if kernel is not None and y.dtype == torch.float32 and y.shape[-1] <= 32768:
-        return kernel(y.contiguous(), 1.0)
-    return _fwht_raw(y)
+        return kernel(y.contiguous(), scale)
+    n = y.shape[-1]
+    if 1 < n <= DENSE_WHT_MAX:
+        # n multiply-adds per element in one GEMM (the scale folded into H) beat 2*log2(n) memory-bound
+        # passes on a CPU; same values up to float rounding.
+        return y @ _sylvester_on(n, scale, y.dtype, y.device)
+    y = _fwht_raw(y)
+    return y if scale == 1.0 else y.mul_(scale)  # _fwht_raw returns its own buffer
 
 
 @functools.lru_cache(maxsize=64)
@@ -304,12 +320,11 @@ def _kron_wht(x: torch.Tensor, k: int, seed: int | None, scale: float,
     # Low-precision inputs are upcast: bf16 sums over thousands of terms lose too much.
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(work).reshape(*x.shape[:-1], k, n // k)  # (..., n) -> (..., K, n/K)
-    y = _wht_pow2(y)
+    y = _wht_pow2(y, scale)
     if k > 1:
         F = _factor_on(k, seed, work, y.device)
         y = torch.matmul(F.T if transpose else F, y)  # (K, K) @ (..., K, n/K)
-    y = y.reshape(x.shape) * scale  # (..., K, n/K) -> (..., n)
-    return y.to(x.dtype)
+    return y.reshape(x.shape).to(x.dtype)  # (..., K, n/K) -> (..., n)
 
 
 class _KronWHTFn(torch.autograd.Function):

@@ -4,7 +4,7 @@ The loss (train.loss) is the KL divergence from the FP model's next-token distri
 fake-quantized model's, at every position of the same batch (the default: the FP logits are one
 no-grad forward, and what learning follows is the quantization error, not the batch), or SpinQuant's
 next-token cross-entropy. Every fake quantizer is a straight-through estimator, so gradients reach
-R1/R2 through the rotated weights, which are formed on the fly in float64 each forward (nothing is
+R1/R2 through the rotated weights, which are formed on the fly (in float32) each forward (nothing is
 merged while learning). Model weights stay frozen. With no quantizer in the loss the loss is exactly
 rotation-invariant and gives no signal, so callers must enable activation/KV (or weight) quantization
 first. Neither loss materialises a batch's full-vocabulary logits (quant_core.losses).
@@ -46,13 +46,21 @@ class LearnResult:
     seconds: float = 0.0
 
 
+# The learning forward rotates every weight on the fly, in float32: its result is cast to the model dtype
+# (bf16 on a GPU, 3 significant digits) at once, so float64 would only double the largest cost of a step
+# (params x d multiply-adds per forward, twice with the backward recompute). The merge for CONVERT stays in
+# float64 (rotation.merge_rotations), and R1/R2 themselves and their Cayley updates are float64.
+LEARN_ROTATE_DTYPE = torch.float32
+
+
 def _layer_params(model: DecoderLM, i: int, r1: Tensor, r2: Tensor, w_bits: int, cfg: SpinQuantConfig) -> dict[str, Tensor]:
-    """Layer i's linear parameters with R1/R2 applied (float64 math, model dtype out), weight-fake-quantized
-    with STE when w_bits < 16. Keys are relative to the layer (``self_attn.q_proj.weight`` ...)."""
+    """Layer i's linear parameters with R1/R2 applied (LEARN_ROTATE_DTYPE math, model dtype out),
+    weight-fake-quantized with STE when w_bits < 16. Keys are relative to the layer (``self_attn.q_proj.weight``)."""
     dtype = model.lm_head.weight.dtype
-    base = {k: (None if v is None else v.double()) for k, v in layer_tensors(model, i).items()}
+    rd = LEARN_ROTATE_DTYPE
+    base = {k: (None if v is None else v.to(rd)) for k, v in layer_tensors(model, i).items()}
     out: dict[str, Tensor] = {}
-    for key, value in rotate_layer(base, model.arch, r1, r2).items():
+    for key, value in rotate_layer(base, model.arch, r1.to(rd), r2.to(rd)).items():
         if value is None:
             continue
         value = value.to(dtype)
@@ -77,7 +85,7 @@ def learning_hidden(model: DecoderLM, ids: Tensor, r1: Tensor, r2s: list[Tensor]
                     cfg: SpinQuantConfig, checkpoint_layers: bool, place: Placement | None = None) -> Tensor:
     """Final hidden states (B, L, d) of the unmerged rotated model, in the basis the lm_head reads (after R1^T).
     With checkpointing, each layer's rotated weights and activations are recomputed in backward, so memory
-    holds one layer's float64 weights at a time.
+    holds one layer's rotated weights at a time.
 
     With ``place.offload`` (checkpointing required) the weights rest in host memory and each layer visits the
     compute device twice per micro-batch: in the forward, and again when backward recomputes it."""

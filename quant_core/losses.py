@@ -2,7 +2,7 @@
 
 The lm_head turns every token's final hidden state into V logits: for 4 x 512 tokens and a 49k vocabulary
 that is 0.4 GB in float32 (Llama-3's 128k vocabulary at 8 x 2048 tokens: 8 GB), and a softmax gradient
-as large again. These functions walk the tokens in chunks of at most ``LOGIT_CHUNK_ELEMS`` logits. The
+as large again. These functions walk the tokens in chunks of at most ``sizes.LOGIT_CHUNK_ELEMS`` logits. The
 learning losses are fused with the lm_head: the gradient with respect to the hidden states is computed
 chunk by chunk in the forward pass and kept (N x d, small), so backward needs neither the logits nor a
 recompute. Per chunk the lm_head runs once forward (twice for KL: the teacher's logits too) and once for
@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOGIT_CHUNK_ELEMS = 1 << 24  # logits per chunk: 64 MiB in float32, whatever the vocabulary
+from . import sizes
 
 
 def chunk_rows(vocab: int) -> int:
     """Tokens per chunk for a vocabulary of ``vocab`` (at least one)."""
-    return max(1, LOGIT_CHUNK_ELEMS // vocab)
+    return max(1, sizes.LOGIT_CHUNK_ELEMS // vocab)
 
 
 def _logits(h: Tensor, weight: Tensor) -> Tensor:
@@ -98,4 +98,4 @@ def head_loss(hidden: Tensor, weight: Tensor, *, targets: Tensor | None = None, 
     return _FusedHeadLoss.apply(hidden, weight, targets, "ce")  # type: ignore[no-any-return]
 
 
-__all__ = ["LOGIT_CHUNK_ELEMS", "chunk_rows", "head_loss", "nll_sum"]
+__all__ = ["chunk_rows", "head_loss", "nll_sum"]

@@ -449,9 +449,12 @@ def load_model(src: ModelSource | str | Path, *, dtype: torch.dtype = torch.floa
     for f in weight_files(src.path):
         try:
             with safe_open(str(f), framework="pt", device="cpu") as fh:
-                for key in fh.keys():
-                    if key in expected:
-                        state[key] = fh.get_tensor(key).to(dtype)
+                keys = [k for k in fh.keys() if k in expected]
+            for key in keys:
+                # One mapping per tensor: the file's pages leave the resident set as soon as the tensor is
+                # copied out, so loading peaks at the model plus one tensor, not the model plus the whole file.
+                with safe_open(str(f), framework="pt", device="cpu") as fh:
+                    state[key] = fh.get_tensor(key).to(dtype)
         except Exception as exc:
             raise ModelError(f"cannot read {f.name}: {exc}") from None
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:

@@ -4,13 +4,17 @@
 allocates (see each term's comment), so the table says before any GPU time is spent whether a job
 fits one GPU and, when it does not, how much it must be split:
 
-- load / evaluate: the weights, plus one evaluation batch of ``16384 // seq_len`` windows whose
-  logits are materialised in the model dtype and again in float32 for the cross-entropy;
-- learn: the frozen weights, the rotations in float64 with their gradients, the checkpointed layer
-  inputs of one micro-batch, one layer recomputed in float64 with its gradient, and the logits;
-- quantize (GPTQ): the weights, the calibration hidden states before and after the current layer,
-  and the Hessians of one sequential group (float32), plus a Cholesky workspace of the largest;
+- load / evaluate: the weights (a tied lm_head is untied into its own copy), plus one evaluation batch of
+  ``sizes.EVAL_BATCH_TOKENS`` tokens at its MLP, and one vocabulary chunk of logits (never a batch's);
+- learn: the frozen weights, the rotations in float64 with their gradients, the checkpointed layer inputs
+  of one micro-batch, one layer rotated on the fly and recomputed with its activations, the teacher's and
+  the student's final hidden states, one vocabulary chunk; or the R1 pre-fit's samples when larger;
+- quantize (GPTQ): the weights, the calibration hidden states and one layer's attention output, a
+  micro-batch's activations, the largest group's Hessian and its GPTQ workspace;
 - export: host memory for the model and its packed copy.
+
+Each stage's prediction is checked against the measured peak of a real run (bench/real.py, section memory,
+and tests/quant_core/test_real_model.py).
 
 `decide` turns the plan into the pipeline's placement on one GPU: the whole model, layer-wise offload
 (quant_core.placement), or a refusal before any weights reach the GPU.
@@ -24,11 +28,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Rotation, SpinQuantConfig
+from .config import SpinQuantConfig
+from .sizes import EVAL_BATCH_TOKENS, GPTQ_MICRO_BATCH, LOGIT_CHUNK_ELEMS, PREFIT_BATCH, PREFIT_TOKENS
 
 GiB = 1 << 30
-EVAL_BATCH_TOKENS = 16384  # evaluate.perplexity's default batch_tokens
-GPTQ_MICRO_BATCH = 8  # convert.quantize_weights' default micro_batch
 HEADROOM = 0.9  # usable share of device memory (CUDA context, allocator fragmentation)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -69,6 +72,11 @@ class Shape:
     def params(self) -> int:
         return self.layers * self.layer_params + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
+    @property
+    def loaded_params(self) -> int:
+        """What a job holds: tied embeddings are untied into a separate lm_head copy when the model loads."""
+        return self.layers * self.layer_params + 2 * self.vocab * self.hidden + self.hidden
+
 
 @dataclass(frozen=True)
 class StageMemory:
@@ -79,50 +87,87 @@ class StageMemory:
     placement: str
 
 
-def _eval_terms(s: Shape, seq_len: int, wb: int) -> dict[str, int]:
-    windows = max(1, EVAL_BATCH_TOKENS // seq_len)
-    tokens = windows * seq_len
+def _act_bytes(s: Shape, cfg: SpinQuantConfig, tokens: int, wb: int, quantized: bool = True) -> dict[str, int]:
+    """What one forward batch of ``tokens`` holds at its peak, inside one layer's MLP: the residual, the norm
+    output, gate, up and their product in the model dtype; the online R4 (float32 in, two transform buffers,
+    out) and the down_proj input quantizer's private float32 copy when they run (GPTQ calibrates unquantized)."""
+    terms = {"one batch's MLP activations (model dtype)": tokens * (3 * s.hidden + 3 * s.ff) * wb}
+    r4, _ = cfg.r4_mode
+    f32 = (3 if r4 != "none" else 0) + (1 if quantized and cfg.activations.bits < 16 else 0)
+    if f32:
+        terms["online R4 and quantizer buffers (float32)"] = tokens * s.ff * 4 * f32
+    return terms
+
+
+def _eval_terms(s: Shape, cfg: SpinQuantConfig, wb: int) -> dict[str, int]:
+    tokens = max(1, EVAL_BATCH_TOKENS // cfg.eval.seq_len) * cfg.eval.seq_len
+    rows = max(1, LOGIT_CHUNK_ELEMS // s.vocab)
+    return {**_act_bytes(s, cfg, tokens, wb),
+            "one vocabulary chunk of logits (model dtype, float32, log-softmax)": rows * s.vocab * (wb + 8)}
+
+
+def _learn_terms(s: Shape, cfg: SpinQuantConfig, wb: int) -> dict[str, int]:
+    """The larger of the R1 pre-fit and an end-to-end step (quant_core.prefit, quant_core.learn)."""
+    L, m, d, ff = cfg.calib.seq_len, cfg.train.micro_batch, s.hidden, s.ff
+    qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    rot = d * d + s.layers * s.head_dim**2
+    rows = max(1, LOGIT_CHUNK_ELEMS // s.vocab)
+    linear = s.layer_params - 2 * d
+    step = {
+        "R1 + R2 in float64: value, gradient, update workspace": rot * 8 * 3,
+        "checkpointed layer inputs": s.layers * m * L * d * wb,
+        "FP teacher and quantized final hidden states, their gradient": 3 * m * L * d * wb,
+        # the float32 copy it is rotated from, the float32 product, the cast; in backward its gradient twice
+        "one layer's weights rotated on the fly (float32) and their gradient": linear * (4 + 4 + wb + wb + 4),
+        # autograd's saved tensors of one recomputed layer: its inputs and outputs in the model dtype, the
+        # quantizers' float32 dx/ds, the online R3/R4 in float32
+        "one layer's activations kept for backward": m * L * (wb * (3 * d + 6 * qd + 4 * kvd + 4 * ff)
+                                                          + 4 * (2 * d + 2 * qd + 2 * kvd + 3 * ff)),
+        "one vocabulary chunk: logits, softmaxes, their gradient (float32)": rows * s.vocab * (wb + 4 * 5),
+    }
+    if not cfg.prefit_on:
+        return step
+    blocks = cfg.train.prefit_blocks
+    prefit = {
+        "R1 pre-fit samples (float32)": s.layers * 2 * min(PREFIT_TOKENS, blocks * L) * d * 4,
+        "R1 pre-fit step (float32)": PREFIT_BATCH * d * 4 * 8,
+        "pre-fit forward: the blocks' hidden states and one layer's two sites": blocks * L * d * wb * 3,
+    }
+    return step if sum(step.values()) >= sum(prefit.values()) else prefit
+
+
+def _gptq_terms(s: Shape, cfg: SpinQuantConfig, wb: int) -> dict[str, int]:
+    """GPTQ (quant_core.convert, quant_core.gptq): the calibration windows' hidden states and one layer's
+    attention output, a micro-batch's activations, and the largest group's Hessian and GPTQ workspace: the
+    stacked weight (float32 working copy, codes, dequantized result, the model-dtype stack), and beside the
+    accumulated H its working copy and at most two (in, in) factorisation matrices at a time."""
+    N, L, d, ff = cfg.calib.samples, cfg.calib.seq_len, s.hidden, s.ff
+    qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    groups = [(qd + 2 * kvd, d), (d, qd), (2 * ff, d), (d, ff)]  # (rows, in) of [q,k,v], [o], [gate,up], [down]
+    work = max(rows * n_in * (3 * 4 + wb) + 3 * n_in * n_in * 4 for rows, n_in in groups)
     return {
-        "logits (model dtype + float32 copy)": tokens * s.vocab * (wb + 4),
-        "one layer's MLP activations": tokens * 3 * s.ff * wb,
+        "calibration hidden states + one layer's attention output": N * L * (d + qd) * wb,
+        **_act_bytes(s, cfg, GPTQ_MICRO_BATCH * L, wb, quantized=False),
+        "the largest group's Hessian and GPTQ workspace (float32)": max(d, qd, ff) ** 2 * 4 + work,
     }
 
 
 def stage_memory(s: Shape, cfg: SpinQuantConfig, dtype: str = "bfloat16") -> dict[str, dict[str, int]]:
     """Peak device bytes per stage, as named terms (pure arithmetic; see the module docstring)."""
     wb = _DTYPE_BYTES[dtype]
-    weights = s.params * wb
-    L = cfg.calib.seq_len
-    m = cfg.train.micro_batch
-    qd = s.heads * s.head_dim
+    weights = s.loaded_params * wb
     stages: dict[str, dict[str, int]] = {
         "load": {"weights": weights},
-        "evaluate_fp": {"weights": weights, **_eval_terms(s, cfg.eval.seq_len, wb)},
+        "evaluate_fp": {"weights": weights, **_eval_terms(s, cfg, wb)},
     }
-    if cfg.rotation.r1r2.value == "learned" and cfg.train.steps > 0:
-        rot = s.hidden**2 + s.layers * s.head_dim**2
-        stages["learn"] = {
-            "weights (frozen)": weights,
-            "R1 + R2 in float64, value + gradient + Cayley workspace": rot * 8 * 3,
-            "checkpointed layer inputs": s.layers * m * L * s.hidden * wb,
-            "one layer recomputed in float64 + its gradient": (s.layer_params - 2 * s.hidden) * 8 * 2,
-            "one layer's activations for backward (float32)": m * L * (4 * s.hidden + 3 * s.ff + 2 * qd) * 4,
-            "logits + softmax gradient (float32)": m * L * s.vocab * 4 * 3,
-        }
+    if cfg.learning:
+        stages["learn"] = {"weights (frozen)": weights, **_learn_terms(s, cfg, wb)}
     if cfg.weights.bits < 16:
         if cfg.weights.algo.value == "gptq":
-            n = cfg.calib.samples
-            hess = max(3 * s.hidden**2, qd**2, 2 * s.hidden**2, s.ff**2) * 4
-            stages["quantize"] = {
-                "weights": weights,
-                "calibration hidden states in + out": 2 * n * L * s.hidden * wb,
-                "Hessians of one group (float32)": hess,
-                "Cholesky workspace of the largest Hessian": max(s.hidden, qd, s.ff) ** 2 * 4,
-                "one micro-batch's MLP activations": GPTQ_MICRO_BATCH * L * 3 * s.ff * wb,
-            }
+            stages["quantize"] = {"weights": weights, **_gptq_terms(s, cfg, wb)}
         else:
             stages["quantize"] = {"weights": weights, "one weight matrix in float32": s.ff * s.hidden * 4}
-    stages["evaluate"] = {"weights": weights, **_eval_terms(s, cfg.eval.seq_len, wb)}
+    stages["evaluate"] = {"weights": weights, **_eval_terms(s, cfg, wb)}
     packed = s.linear_params * cfg.weights.bits // 8 if cfg.weights.bits < 16 else s.linear_params * wb
     stages["export (host memory)"] = {"model": weights, "packed copy": packed}
     return stages
@@ -135,12 +180,13 @@ def _placement(stage: str, need: int, usable: int, s: Shape, terms: dict[str, in
         return True, "one GPU"
     if stage == "learn":
         # Offload: the frozen weights stay in host RAM; one layer visits (twice per micro-batch: forward and the
-        # checkpoint recompute), and the embedding and lm_head visit too (lm_head stays referenced until backward).
-        streamed = need - terms["weights (frozen)"] + s.layer_params * wb + 2 * s.vocab * s.hidden * wb
+        # checkpoint recompute), and the embedding and lm_head visit in turn (the fused loss needs no lm_head
+        # in backward).
+        streamed = need - terms["weights (frozen)"] + s.layer_params * wb + s.vocab * s.hidden * wb
         if streamed <= usable:
             return False, f"offload: {streamed / GiB:.1f} GiB on GPU, weights in host RAM (each layer streamed twice per micro-batch)"
         # FSDP would shard the frozen weights (and the float64 layer copies) across k GPUs; activations stay per GPU.
-        sharded = terms["weights (frozen)"] + terms["one layer recomputed in float64 + its gradient"]
+        sharded = terms["weights (frozen)"] + terms.get("one layer's weights rotated on the fly (float32) and their gradient", 0)
         rest = need - sharded
         if rest >= usable:
             return False, "does not fit even sharded: lower seq_len or micro_batch"
@@ -215,10 +261,11 @@ def decide(model_config: dict[str, Any], cfg: SpinQuantConfig, gpu_bytes: int, d
                                    f"for layer-wise offload, or a larger GPU ({hint})")
         stuck = [s for s in over if not s.placement.startswith("offload")]
         if stuck:
-            return Decision(False, f"{summary}. Lower seq_len, calib_samples or micro_batch, or use a larger GPU "
-                                   f"({hint})")
+            why = "; ".join(f"{s.stage} needs {s.device_bytes / GiB:.1f} GiB and {s.placement}" for s in stuck)
+            return Decision(False, f"this model does not fit one {gib} GPU even with layer-wise offload: {why}. "
+                                   f"Lower seq_len, calib_samples or micro_batch, or use a larger GPU ({hint})")
         offload = True
-    learning = cfg.rotation.r1r2 is Rotation.LEARNED and cfg.train.steps > 0
+    learning = cfg.learning
     if offload and learning and not cfg.train.checkpoint_layers:
         return Decision(True, f"learning with layer-wise offload (needed on one {gib} GPU) recomputes each layer in "
                               f"backward; set train.checkpoint_layers=true ({hint})")

@@ -13,11 +13,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .hadamard import HadamardPlan, apply_plan
 from .models import ArchSpec, DecoderLM
+from .sizes import ROW_CHUNK
 
 # Short names of the tensors of one decoder layer that rotations touch.
 LAYER_KEYS = (
@@ -92,6 +95,15 @@ def _assign(param: torch.nn.Parameter | Tensor, value: Tensor) -> None:
 
 
 @torch.no_grad()
+def _map_rows(param: torch.nn.Parameter | Tensor, fn: Callable[[Tensor], Tensor]) -> None:
+    """param <- fn(param) row block by row block, in float64: a (V, d) matrix then needs a float64 copy of
+    ROW_CHUNK rows at a time, not of the whole vocabulary (2 x 1 GiB for Llama-3's 128k x 4096)."""
+    for s in range(0, param.shape[0], ROW_CHUNK):
+        block = param[s : s + ROW_CHUNK]
+        block.copy_(fn(block.double()).to(param.dtype))
+
+
+@torch.no_grad()
 def fold_norms(model: DecoderLM) -> None:
     """W <- W diag(gamma) for every Linear reading a norm, then gamma <- 1 (float64).
 
@@ -108,15 +120,14 @@ def fold_norms(model: DecoderLM) -> None:
         layer.input_layernorm.weight.fill_(1.0)
         layer.post_attention_layernorm.weight.fill_(1.0)
     gf = model.model.norm.weight.double()
-    _assign(model.lm_head.weight, model.lm_head.weight.double() * gf)
+    _map_rows(model.lm_head.weight, lambda w: w * gf)
     model.model.norm.weight.fill_(1.0)
 
 
 @torch.no_grad()
 def center_embeddings(model: DecoderLM) -> None:
     """E <- E - rowmean(E). Inherited from QuaRot; not exactly function-preserving for RMSNorm (SQ#14)."""
-    e = model.model.embed_tokens.weight
-    _assign(e, e.double() - e.double().mean(dim=1, keepdim=True))
+    _map_rows(model.model.embed_tokens.weight, lambda e: e - e.mean(dim=1, keepdim=True))
 
 
 @torch.no_grad()
@@ -132,8 +143,7 @@ def merge_rotations(model: DecoderLM, r1: Tensor, r2s: list[Tensor] | None) -> N
     """Merge R1 (residual) and per-layer R2 into the weights in float64, then cast to the model dtype."""
     arch = model.arch
     r1 = r1.double().to(model.lm_head.weight.device)
-    e = model.model.embed_tokens.weight
-    _assign(e, e.double() @ r1)
+    _map_rows(model.model.embed_tokens.weight, lambda e: e @ r1)
     for i, layer in enumerate(model.model.layers):
         t = {k: (None if v is None else v.double()) for k, v in layer_tensors(model, i).items()}
         r2 = None if r2s is None else r2s[i].double().to(r1.device)
@@ -141,4 +151,4 @@ def merge_rotations(model: DecoderLM, r1: Tensor, r2s: list[Tensor] | None) -> N
         for key, value in layer_tensors(model, i).items():
             if value is not None:
                 _assign(value, rotated[key])  # type: ignore[arg-type]
-    _assign(model.lm_head.weight, rotate_in(model.lm_head.weight.double(), r1))
+    _map_rows(model.lm_head.weight, lambda w: rotate_in(w, r1))

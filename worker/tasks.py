@@ -156,13 +156,13 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
     pub: Publisher | None = None
     try:
         # quant_core (and torch) only now, inside the forked child.
-        from quant_core.config import Rotation, config_from_dict
+        from quant_core.config import config_from_dict
         from quant_core.export import export_checkpoint
         from quant_core.pipeline import quantize_model
         from quant_core.progress import Cancelled
 
         cfg = config_from_dict(job.config)
-        learning = cfg.rotation.r1r2 is Rotation.LEARNED and cfg.train.steps > 0
+        learning = cfg.learning
         pub = Publisher(redis=redis, sessions=sessions, job_id=job_id, weights=stage_weights(learning, cfg.rotating),
                         db_interval_s=settings.db_write_interval_s)
         model_path = (str(resolve_local(job.model.removeprefix("local:"), settings.models_dir))
@@ -186,7 +186,8 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
         pub.finish_stage()
         with sessions() as db:
             db.execute(update(Job).where(Job.id == job_id).values(
-                progress=1.0, eta_s=0.0, report=result.report, store_prefix=prefix, stage_times=pub.stage_times))
+                progress=1.0, eta_s=0.0, report=result.report, store_prefix=prefix, stage_times=pub.stage_times,
+                step=pub.step, loss=pub.loss))
             for f in files:
                 db.add(Artifact(job_id=job_id, name=f.name, bytes=f.bytes, sha256=f.sha256, store_key=f.key))
             db.commit()
@@ -195,7 +196,9 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
     except BaseException as exc:
         code, message = classify(exc)
         store.delete_prefix(prefix)
-        times = {"stage_times": pub.stage_times} if pub is not None else {}
+        # The row keeps where the job stopped (the last learning step and loss), which a throttled flush may not
+        # have written yet
+        times = {"stage_times": pub.stage_times, "step": pub.step, "loss": pub.loss} if pub is not None else {}
         if pub is not None:
             pub.finish_stage()
         if code == "cancelled":

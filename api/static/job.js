@@ -88,6 +88,8 @@ export function jobView(id) {
       if (data.eta_s) $l('#live-eta').textContent = `about ${fmtSeconds(data.eta_s)} left`;
       if (learnStep) {
         $l('#live-step').textContent = `step ${data.step}${data.steps ? ` of ${data.steps}` : ''}, loss ${data.loss.toFixed(4)}`;
+      } else if (data.stage === 'learn' && data.phase === 'prefit' && data.prefit_step > 0) {
+        $l('#live-step').textContent = `R1 pre-fit step ${data.prefit_step} of ${data.prefit_steps}`;
       }
     } else if (type === 'stage' && STAGES.indexOf(data.stage) > STAGES.indexOf(job.stage)) { // not a replayed one
       $l('#live-stage').textContent = `stage ${data.stage}`;

@@ -25,7 +25,7 @@ from tests.conftest import TEST_TEXT, TRAIN_TEXT
 
 # Small, fast settings on the trained fixture (a job runs in a few seconds on 2 cores).
 FAST = {"w_bits": 4, "a_bits": 4, "kv_bits": 4, "seq_len": 128, "steps": 4, "train_samples": 16,
-        "calib_samples": 8, "batch_size": 2, "eval_windows": 8}
+        "calib_samples": 8, "batch_size": 2, "eval_windows": 8, "prefit_steps": 10}
 
 
 class Api:

@@ -1,0 +1,112 @@
+"""Measured peak memory of each pipeline stage, to set beside what ``quant_core.plan`` predicts.
+
+- CUDA: ``torch.cuda.max_memory_allocated``, reset at each stage's start: the bytes of live tensors, which
+  is what the plan counts.
+- CPU: the process's resident-set high-water mark (``VmHWM``), reset at each stage's start by writing 5 to
+  ``/proc/self/clear_refs`` (Linux), after the allocator has returned the pages the previous stage freed. It includes the interpreter, torch's own libraries and allocator slack,
+  so the report also gives the resident set before the model was loaded (``baseline``): the stage's tensors
+  are about ``peak - baseline``. Where the reset is not possible (not Linux), each figure is the running
+  peak and says so (``resettable: false``).
+
+Example:
+    >>> meter = StageMeter("cpu")
+    >>> meter.begin("load"); model = load_model(src); meter.end()   # or: with meter.stage("load"): ...
+    >>> meter.report()   # {"unit": "MiB", "kind": "rss", "baseline": ..., "stages": {"load": ...}}
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MiB = 1 << 20
+_LIBC: Any = None  # glibc, loaded on first use by release_free_memory (False where there is none)
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """The process's resident set (VmRSS) or its high-water mark (VmHWM) in bytes; ru_maxrss off Linux."""
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.M)
+    except OSError:
+        m = None
+    if m is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; the running peak
+    return int(m.group(1)) * 1024
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``): the heap keeps what a stage freed
+    (torch's CPU tensors come from malloc), so without this a later stage's resident set still holds an earlier
+    stage's peak. A no-op off glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")  # "reset the peak resident set size to the current one" (proc(5))
+    except OSError:
+        return False
+    return True
+
+
+class StageMeter:
+    """Peak memory per stage on one device; stages may repeat (their peaks are merged by max)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.kind = "cuda_allocated" if self.cuda else "rss"
+        self.baseline = torch.cuda.memory_allocated() if self.cuda else rss_bytes()
+        self.resettable = True
+        self.peaks: dict[str, int] = {}
+
+    def begin(self, name: str) -> None:
+        """Start measuring stage ``name`` (ends the stage before it, if any)."""
+        self.end()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            release_free_memory()
+            self.resettable = _reset_rss_peak() and self.resettable
+        self._current: str | None = name
+
+    def end(self) -> None:
+        name = getattr(self, "_current", None)
+        if name is None:
+            return
+        peak = torch.cuda.max_memory_allocated() if self.cuda else rss_bytes("VmHWM")
+        self.peaks[name] = max(self.peaks.get(name, 0), peak)
+        self._current = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.end()
+
+    def report(self) -> dict[str, Any]:
+        """{"unit": "MiB", "kind", "baseline", "resettable", "stages": {name: peak}} for the job report."""
+        self.end()
+        return {"unit": "MiB", "kind": self.kind, "baseline": round(self.baseline / MiB, 1),
+                "resettable": self.resettable, "stages": {k: round(v / MiB, 1) for k, v in self.peaks.items()}}
+
+
+__all__ = ["StageMeter", "release_free_memory", "rss_bytes"]

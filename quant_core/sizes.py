@@ -1,0 +1,11 @@
+"""The batch and chunk sizes the pipeline allocates by, in one torch-free place, so ``quant_core.plan`` counts
+exactly what evaluation, learning and GPTQ hold (the API host imports plan without torch)."""
+
+from __future__ import annotations
+
+EVAL_BATCH_TOKENS = 8192  # tokens per evaluation forward (evaluate.perplexity)
+LOGIT_CHUNK_ELEMS = 1 << 24  # logits per vocabulary chunk, 64 MiB in float32 (losses)
+GPTQ_MICRO_BATCH = 8  # calibration windows per forward in GPTQ (convert.quantize_weights)
+PREFIT_TOKENS = 1024  # tokens sampled per layer and site for the R1 pre-fit (prefit)
+PREFIT_BATCH = 8192  # sampled rows per pre-fit step (prefit)
+ROW_CHUNK = 4096  # vocabulary rows per float64 step on the embedding and lm_head (rotation)
