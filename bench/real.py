@@ -4,17 +4,19 @@ Every quantization run is the command a user types (``python -m quant_core quant
 process, so its seconds and its peak resident memory (os.wait4) are its own. Every run uses the same
 windows: evaluation = the first --eval-windows non-overlapping windows of --seq-len tokens of the fixture's
 English test text; calibration = --calib-samples windows of the train text (seed 0); learning = --steps
-Cayley steps of --batch-size sequences from the start of the train text.
+Cayley steps of --batch-size sequences from the start of the train text, after the R1 pre-fit.
 
 Sections (``--sections``, default all), each a table on stdout and a key in the JSON:
   grid    FP and rtn, gptq, quarot, spinquant at W4A16KV16 (per channel, g64: SmolLM2's hidden size 576 is
           not a multiple of 128, so g128 cannot apply to its q/k/v/o/gate/up inputs), W8A8KV8, W4A8KV8, W4A4KV16,
           W4A4KV4: perplexity, gap to FP, seconds, peak RSS
   seeds   quarot and spinquant W4A4KV4 for every --seeds: the share of quarot's gap spinquant closes
-  curve   spinquant W4A4KV4 at --curve steps (seed 0): how the gain grows with the learning budget
+  curve   spinquant W4A4KV4 (seed 0) at --curve R1 pre-fit steps, and --curve-steps end-to-end steps after the
+          default pre-fit: how the gain grows with the learning budget
   speed   seconds per learning step at (--batch-size, --seq-len), the share spent in the lm_head, beside a
           plain transformers forward+backward of the same batch
-  memory  quarot and spinquant W4A4KV4 in float32 with export: peak RSS against 3x the float32 model bytes,
+  memory  quarot and spinquant W4A4KV4 in float32 with export, learning at the default micro-batch (1): peak
+          RSS against 3x the float32 model bytes,
           and quant_core.plan's prediction beside each stage's measured peak
   peers   llm-compressor 0.14 (its own venv: bench/peer_llmcompressor.py) SpinQuantModifier + GPTQ at W4A4KV16
           and GPTQ W4A16 g128 (its preset: refused on this model, recorded) and g64; GPTQModel (its own venv:
@@ -55,19 +57,20 @@ SETTINGS = {  # name -> (w_bits, a_bits, kv_bits, w_group_size)
     "W4A4KV16": (4, 4, 16, -1),
     "W4A4KV4": (4, 4, 4, -1),
 }
-METHODS = ("rtn", "gptq", "quarot", "spinquant")
-SECTIONS = ("grid", "seeds", "curve", "speed", "memory", "peers")
+METHODS = ("spinquant", "quarot", "gptq", "rtn")
+SECTIONS = ("seeds", "memory", "speed", "peers", "curve", "grid")  # the default order: the grid last (longest)
+DEFAULT_PREFIT = make_config("spinquant").train.prefit_steps
 
 
 def cli_args(args: argparse.Namespace, method: str, setting: str, *, seed: int = 0, steps: int | None = None,
-             dtype: str | None = None, extra: list[str] | None = None) -> list[str]:
+             dtype: str | None = None, micro_batch: int | None = None, extra: list[str] | None = None) -> list[str]:
     w, a, kv, g = SETTINGS[setting]
     out = ["--method", method, "--w-bits", str(w), "--a-bits", str(a), "--kv-bits", str(kv),
            "--w-group-size", str(g), "--seq-len", str(args.seq_len), "--calib-text", str(TRAIN),
            "--calib-samples", str(args.calib_samples), "--eval-text", str(TEST), "--eval-windows",
            str(args.eval_windows), "--seed", str(seed), "--device", "cpu", "--dtype", dtype or args.dtype,
            "--steps", str(args.steps if steps is None else steps), "--batch-size", str(args.batch_size),
-           "--micro-batch", str(args.micro_batch)]
+           "--micro-batch", str(micro_batch or args.micro_batch)]
     return out + (extra or [])
 
 
@@ -89,28 +92,41 @@ def run_cli(model: Path, argv: list[str], tag: str) -> dict[str, Any]:
     return {"report": report, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0}  # Linux: KiB
 
 
+RUNS: dict[tuple[str, ...], dict[str, Any]] = {}  # argv -> summary: a run two sections share is run once
+
+
+def run(model: Path, argv: list[str], tag: str) -> dict[str, Any]:
+    """The summary of one quantize run; the same arguments in another section reuse it."""
+    key = tuple(argv)
+    if key not in RUNS:
+        RUNS[key] = summary(run_cli(model, argv, tag))
+    return RUNS[key]
+
+
 def summary(run: dict[str, Any]) -> dict[str, Any]:
     rep = run["report"]
     return {"ppl": rep["quant_ppl"], "fp_ppl": rep["fp_ppl"], "gap": rep["quant_ppl"] / rep["fp_ppl"] - 1,
             "wall_s": round(run["wall_s"], 1), "timings_s": {k: round(v, 1) for k, v in rep["timings_s"].items()},
             "peak_rss_mb": round(run["peak_rss_mb"], 1), "loss_curve": rep.get("loss_curve", []),
-            "invariance": rep["rotation"].get("invariance_max_abs_logit_diff"), "memory_mb": rep.get("memory_mb")}
+            "invariance": rep["rotation"].get("invariance_max_abs_logit_diff"), "memory_mb": rep.get("memory_mb"),
+            "prefit_steps": rep["rotation"].get("prefit_steps", 0)}
 
 
 def section_grid(args: argparse.Namespace, model: Path, out: dict[str, Any]) -> None:
     grid: dict[str, dict[str, Any]] = {}
+    out["grid"] = grid  # filled row by row; main writes the JSON after every section, save() after every row
     print(f"\n{'method':<10} {'setting':<15} {'ppl':>9} {'gap':>8} {'wall s':>8} {'peak MB':>8}", flush=True)
     fp = None
     for method in METHODS:
         for setting in SETTINGS:
-            r = summary(run_cli(model, cli_args(args, method, setting), f"{method} {setting}"))
+            r = run(model, cli_args(args, method, setting), f"{method} {setting}")
             fp = r["fp_ppl"] if fp is None else fp
             grid.setdefault(method, {})[setting] = r
             print(f"{method:<10} {setting:<15} {r['ppl']:9.3f} {r['gap']:+7.1%} {r['wall_s']:8.1f} "
                   f"{r['peak_rss_mb']:8.0f}", flush=True)
+            save(args, out)
     print(f"{'fp':<10} {'':<15} {fp:9.3f}")
     out["fp_ppl"] = fp
-    out["grid"] = grid
 
 
 def closed(spin: float, quarot: float, fp: float) -> float:
@@ -122,12 +138,8 @@ def section_seeds(args: argparse.Namespace, model: Path, out: dict[str, Any]) ->
     rows = {}
     print(f"\n{'seed':<5} {'quarot':>9} {'spinquant':>10} {'closed':>7}   (W4A4KV4, {args.steps} steps)", flush=True)
     for seed in args.seeds:
-        cached = out.get("grid", {})
-        if seed == 0 and "quarot" in cached and "spinquant" in cached:
-            q, s = cached["quarot"]["W4A4KV4"], cached["spinquant"]["W4A4KV4"]
-        else:
-            q = summary(run_cli(model, cli_args(args, "quarot", "W4A4KV4", seed=seed), f"quarot seed {seed}"))
-            s = summary(run_cli(model, cli_args(args, "spinquant", "W4A4KV4", seed=seed), f"spinquant seed {seed}"))
+        q = run(model, cli_args(args, "quarot", "W4A4KV4", seed=seed), f"quarot seed {seed}")
+        s = run(model, cli_args(args, "spinquant", "W4A4KV4", seed=seed), f"spinquant seed {seed}")
         c = closed(s["ppl"], q["ppl"], s["fp_ppl"])
         rows[str(seed)] = {"quarot": q, "spinquant": s, "closed": c}
         print(f"{seed:<5} {q['ppl']:9.3f} {s['ppl']:10.3f} {c:7.1%}", flush=True)
@@ -135,17 +147,23 @@ def section_seeds(args: argparse.Namespace, model: Path, out: dict[str, Any]) ->
 
 
 def section_curve(args: argparse.Namespace, model: Path, out: dict[str, Any]) -> None:
-    q = out.get("seeds", {}).get("rows", {}).get("0", {}).get("quarot")
-    if q is None:
-        q = summary(run_cli(model, cli_args(args, "quarot", "W4A4KV4"), "quarot"))
+    """How the gain grows with the learning budget: the R1 pre-fit's steps (--curve, with --steps end-to-end
+    steps after it), then --curve-steps end-to-end steps after the default pre-fit."""
+    q = run(model, cli_args(args, "quarot", "W4A4KV4"), "quarot")
     rows = {}
-    print(f"\n{'steps':<6} {'ppl':>9} {'closed':>7} {'learn s':>8}   (spinquant W4A4KV4, seed 0; quarot {q['ppl']:.3f})",
-          flush=True)
-    for steps in args.curve:
-        r = summary(run_cli(model, cli_args(args, "spinquant", "W4A4KV4", steps=steps), f"curve {steps}"))
-        rows[str(steps)] = {**r, "closed": closed(r["ppl"], q["ppl"], r["fp_ppl"])}
-        print(f"{steps:<6} {r['ppl']:9.3f} {rows[str(steps)]['closed']:7.1%} {r['timings_s'].get('learn', 0):8.1f}",
-              flush=True)
+    print(f"\n{'pre-fit':>7} {'steps':>6} {'ppl':>9} {'closed':>7} {'learn s':>8}   (spinquant W4A4KV4, seed 0; "
+          f"quarot {q['ppl']:.3f})", flush=True)
+    points = [(p, args.steps) for p in args.curve] + [(None, s) for s in args.curve_steps]
+    for prefit, steps in points:
+        default = prefit is None or prefit == DEFAULT_PREFIT  # the seeds section's seed-0 run
+        extra = [] if default else ["--set", f"train.prefit_steps={prefit}"]
+        r = run(model, cli_args(args, "spinquant", "W4A4KV4", steps=steps, extra=extra),
+                f"curve prefit {prefit} steps {steps}")
+        prefit_done = r["prefit_steps"]
+        key = f"prefit{prefit_done}+steps{steps}"
+        rows[key] = {**r, "closed": closed(r["ppl"], q["ppl"], r["fp_ppl"]), "steps": steps}
+        print(f"{prefit_done:7d} {steps:6d} {r['ppl']:9.3f} {rows[key]['closed']:7.1%} "
+              f"{r['timings_s'].get('learn', 0):8.1f}", flush=True)
     out["curve"] = {"quarot_ppl": q["ppl"], "rows": rows}
 
 
@@ -186,7 +204,8 @@ def section_memory(args: argparse.Namespace, model: Path, out: dict[str, Any]) -
     for method in ("quarot", "spinquant"):
         with tempfile.TemporaryDirectory(prefix="bench-real-out-") as tmp:
             r = run_cli(model, cli_args(args, method, "W4A4KV4", dtype="float32", steps=args.memory_steps,
-                                        extra=["--out", str(Path(tmp) / "ckpt")]), f"memory {method}")
+                                        micro_batch=1, extra=["--out", str(Path(tmp) / "ckpt")]),
+                        f"memory {method}")
         stages = plan_vs_measured(model, r["report"], "float32")
         rows[method] = {"peak_rss_mb": round(r["peak_rss_mb"], 1), "x_fp32_model": r["peak_rss_mb"] * MiB / fp32_bytes,
                         "baseline_mb": r["report"]["memory_mb"]["baseline"], "stages": stages}
@@ -205,8 +224,8 @@ def section_memory(args: argparse.Namespace, model: Path, out: dict[str, Any]) -
 def section_peers(args: argparse.Namespace, model: Path, out: dict[str, Any]) -> None:
     peers: dict[str, Any] = {}
     ours = {
-        "quarot W4A4KV16": summary(run_cli(model, cli_args(args, "quarot", "W4A4KV16"), "ours quarot")),
-        "gptq W4A16 g64": summary(run_cli(model, cli_args(args, "gptq", "W4A16KV16-g64"), "ours gptq g64")),
+        "quarot W4A4KV16": run(model, cli_args(args, "quarot", "W4A4KV16"), "ours quarot"),
+        "gptq W4A16 g64": run(model, cli_args(args, "gptq", "W4A16KV16-g64"), "ours gptq g64"),
     }
     common = ["--model", str(model), "--calib-text", str(TRAIN), "--eval-text", str(TEST), "--seq-len",
               str(args.seq_len), "--calib-samples", str(args.calib_samples), "--eval-windows", str(args.eval_windows),
@@ -248,6 +267,11 @@ def section_peers(args: argparse.Namespace, model: Path, out: dict[str, Any]) ->
     out["peers"] = res
 
 
+def save(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True)
@@ -258,17 +282,20 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--steps", type=int, default=100, help="the learning budget of every spinquant run")
+    p.add_argument("--steps", type=int, default=0,
+                   help="end-to-end learning steps of every spinquant run, after its R1 pre-fit (train.prefit_steps)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--curve", default="0,25,50,100")
+    p.add_argument("--curve", default="0,25,50,100,300", help="R1 pre-fit steps of the curve's runs")
+    p.add_argument("--curve-steps", default="25", help="end-to-end steps after the default pre-fit, for the curve")
     p.add_argument("--memory-steps", type=int, default=4, help="learning steps of the float32 memory runs")
     p.add_argument("--llmc-python", default="/work/llmc-venv/bin/python", help="llm-compressor's venv python")
     p.add_argument("--gptqmodel-python", default="/work/gptq-venv/bin/python", help="GPTQModel's venv python")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.curve = [int(s) for s in args.curve.split(",") if s.strip()]
+    args.curve_steps = [int(s) for s in args.curve_steps.split(",") if s.strip()]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -280,8 +307,7 @@ def main() -> int:
     t0 = time.perf_counter()
     for name in sections:
         globals()[f"section_{name}"](args, model, out)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))  # after each section: a long run keeps what it measured
+        save(args, out)  # after each section: a long run keeps what it measured
     out["total_s"] = time.perf_counter() - t0
     args.json.write_text(json.dumps(out, indent=2))
     print(f"\ntotal {out['total_s'] / 60:.1f} min; wrote {args.json}")

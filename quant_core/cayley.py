@@ -17,9 +17,10 @@ from torch import Tensor
 
 
 def skew_direction(r: Tensor, g: Tensor) -> Tensor:
-    """A = 1/2 (G R^T - R G^T): the Riemannian direction as a skew matrix. <G, A R> = ||A||^2 >= 0."""
-    assert r.ndim == 2 and r.shape[0] == r.shape[1] and g.shape == r.shape, (r.shape, g.shape)
-    return 0.5 * (g @ r.T - r @ g.T)
+    """A = 1/2 (G R^T - R G^T): the Riemannian direction as a skew matrix. <G, A R> = ||A||^2 >= 0.
+    r, g: (..., n, n), a stack of rotations is a stack of directions."""
+    assert r.ndim >= 2 and r.shape[-1] == r.shape[-2] and g.shape == r.shape, (r.shape, g.shape)
+    return 0.5 * (g @ r.mT - r @ g.mT)
 
 
 def cayley_step(r: Tensor, g: Tensor, lr: float, step_cap: bool = False) -> Tensor:
@@ -29,12 +30,13 @@ def cayley_step(r: Tensor, g: Tensor, lr: float, step_cap: bool = False) -> Tens
     re-normalisation; first order it is R - a/2 (G - R G^T R), a descent step on the loss.
 
     Args:
-        r: (n, n) orthogonal matrix (any float dtype; the result has r's dtype).
-        g: (n, n) Euclidean gradient dL/dR (already clipped).
+        r: (n, n) orthogonal matrix (any float dtype; the result has r's dtype), or a stack (..., n, n).
+        g: Euclidean gradient dL/dR (already clipped), r's shape.
         lr: step size a.
-        step_cap: cap a at 1/||A||_1 (max column sum), as the official optimizer does.
+        step_cap: cap a at 1/||A||_1 (max column sum), as the official optimizer does (one matrix only).
     """
-    assert r.ndim == 2 and r.shape[0] == r.shape[1], f"R must be square, got {tuple(r.shape)}"
+    assert r.ndim >= 2 and r.shape[-1] == r.shape[-2], f"R must be square, got {tuple(r.shape)}"
+    assert not (step_cap and r.ndim > 2), "step_cap takes one matrix"
     assert g.shape == r.shape, f"gradient {tuple(g.shape)} does not match R {tuple(r.shape)}"
     assert lr >= 0 and math.isfinite(lr), f"lr must be finite and >= 0, got {lr}"
     r64, g64 = r.double(), g.double()
@@ -44,20 +46,20 @@ def cayley_step(r: Tensor, g: Tensor, lr: float, step_cap: bool = False) -> Tens
         norm1 = (r64.T @ a @ r64).abs().sum(0).max().item()
         if norm1 > 0:
             lr = min(lr, 1.0 / norm1)
-    eye = torch.eye(r.shape[0], dtype=torch.float64, device=r.device)
+    eye = torch.eye(r.shape[-1], dtype=torch.float64, device=r.device)
     half = 0.5 * lr * a
     new = torch.linalg.solve(eye + half, (eye - half) @ r64)
     return new.to(r.dtype)
 
 
 def orthogonality_error(r: Tensor) -> Tensor:
-    """max |R R^T - I|, in float64."""
+    """max |R R^T - I|, in float64 (over a stack: the largest)."""
     r64 = r.double()
-    return (r64 @ r64.T - torch.eye(r.shape[0], dtype=torch.float64, device=r.device)).abs().max()
+    return (r64 @ r64.mT - torch.eye(r.shape[-1], dtype=torch.float64, device=r.device)).abs().max()
 
 
 def reorthonormalize(r: Tensor) -> Tensor:
-    """Nearest orthogonal matrix (polar factor via SVD), applied once before merging."""
+    """Nearest orthogonal matrix (polar factor via SVD), applied once before merging; a stack works too."""
     u, _, vh = torch.linalg.svd(r.double())
     return (u @ vh).to(r.dtype)
 
@@ -71,7 +73,8 @@ def cosine_lr(base_lr: float, step: int, total: int) -> float:
 
 @dataclass
 class AdamState:
-    """Riemannian Adam's moments for one rotation: m (tangent, transported by projection) and v (elementwise)."""
+    """Riemannian Adam's moments for one rotation (or a stack, each its own): m (tangent, transported by
+    projection) and v (elementwise)."""
 
     m: Tensor
     v: Tensor

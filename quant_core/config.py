@@ -203,12 +203,12 @@ class TrainConfig:
     # kl: KL(FP model || quantized model) on the same batch, every position (OSTQuant's KL-Top, full vocabulary);
     # ce: next-token cross-entropy, SpinQuant's loss
     loss: str = "kl"
-    # R1 pre-fit (quant_core.prefit), before the end-to-end steps when activations are quantized: Riemannian Adam
-    # steps on the quantization error of the rotated q/k/v and gate/up inputs, sampled from prefit_blocks blocks
-    prefit_steps: int = 300
+    # pre-fit (quant_core.prefit), before the end-to-end steps when activations are quantized: Riemannian Adam
+    # steps for R1 and every R2 on the quantization error of the activations they rotate (q/k/v and gate/up
+    # inputs; V heads and o_proj inputs), sampled from prefit_blocks blocks
+    prefit_steps: int = 600
     prefit_lr: float = 0.01
     prefit_blocks: int = 8
-    prefit_weighting: str = "none"
 
     def __post_init__(self) -> None:
         _check_int(self.steps, "train.steps", 0, 100000)

@@ -32,7 +32,7 @@ from .gptq import GPTQResult
 from .hadamard import HadamardPlan, largest_pow2_block, plan_hadamard, random_hadamard_matrix
 from .learn import train_rotations
 from .memory import StageMeter
-from .prefit import prefit_r1
+from .prefit import prefit_rotations
 from .models import (
     ArchSpec, DecoderLM, ModelError, QuantRuntime, arch_from_config, load_model, resolve_model, weight_files,
 )
@@ -129,13 +129,13 @@ def _init_rotations(arch: ArchSpec, seed: int) -> tuple[Tensor, list[Tensor]]:
 
 
 def _prefit_share(cfg: SpinQuantConfig) -> float:
-    """The pre-fit's part of the learn stage's progress: one of its steps costs about 1/20 of an end-to-end
-    step of the same batch (measured on SmolLM2-135M: 0.13 s against about 10 s for 4 x 512 tokens on 2 cores,
-    where the pre-fit's one FP forward of its blocks is a few end-to-end steps' worth)."""
+    """The pre-fit's part of the learn stage's progress, in units of one sequence's end-to-end forward and
+    backward: a pre-fit step costs about 0.1 of it and the pre-fit's FP forward a third per block (SmolLM2-135M,
+    2 CPU cores: 0.25 s per pre-fit step against about 2.5 s per sequence of 512 tokens)."""
     if not cfg.prefit_on:
         return 0.0
-    prefit = cfg.train.prefit_steps / 20 + cfg.train.prefit_blocks / max(1, cfg.train.batch_size)
-    return prefit / (prefit + cfg.train.steps)
+    prefit = cfg.train.prefit_steps / 10 + cfg.train.prefit_blocks / 3
+    return prefit / (prefit + cfg.train.steps * cfg.train.batch_size)
 
 
 def _peak_rss_mb() -> float:
@@ -251,8 +251,8 @@ def quantize_model(
             return lambda stage, fraction, info: progress(stage, lo + (hi - lo) * fraction, info)
 
         if cfg.prefit_on:
-            r1, learn_info = prefit_r1(model, cfg, blocks, r1, fp_runtime, place, learn_progress(0.0, share),
-                                       should_cancel)
+            r1, r2s, learn_info = prefit_rotations(model, cfg, blocks, r1, r2s, fp_runtime, place,
+                                                   learn_progress(0.0, share), should_cancel)
         if cfg.train.steps > 0:
             model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits,
                                         learning=True)

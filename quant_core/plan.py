@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import SpinQuantConfig
-from .sizes import EVAL_BATCH_TOKENS, GPTQ_MICRO_BATCH, LOGIT_CHUNK_ELEMS, PREFIT_BATCH, PREFIT_TOKENS
+from .sizes import (EVAL_BATCH_TOKENS, GPTQ_MICRO_BATCH, LOGIT_CHUNK_ELEMS, PREFIT_BATCH, PREFIT_HEAD_TOKENS,
+                    PREFIT_TOKENS)
 
 GiB = 1 << 30
 HEADROOM = 0.9  # usable share of device memory (CUDA context, allocator fragmentation)
@@ -107,7 +108,7 @@ def _eval_terms(s: Shape, cfg: SpinQuantConfig, wb: int) -> dict[str, int]:
 
 
 def _learn_terms(s: Shape, cfg: SpinQuantConfig, wb: int) -> dict[str, int]:
-    """The larger of the R1 pre-fit and an end-to-end step (quant_core.prefit, quant_core.learn)."""
+    """The larger of the pre-fit and an end-to-end step (quant_core.prefit, quant_core.learn)."""
     L, m, d, ff = cfg.calib.seq_len, cfg.train.micro_batch, s.hidden, s.ff
     qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
     rot = d * d + s.layers * s.head_dim**2
@@ -128,10 +129,14 @@ def _learn_terms(s: Shape, cfg: SpinQuantConfig, wb: int) -> dict[str, int]:
     if not cfg.prefit_on:
         return step
     blocks = cfg.train.prefit_blocks
+    tokens = min(PREFIT_TOKENS, blocks * L)
     prefit = {
-        "R1 pre-fit samples (float32)": s.layers * 2 * min(PREFIT_TOKENS, blocks * L) * d * 4,
-        "R1 pre-fit step (float32)": PREFIT_BATCH * d * 4 * 8,
-        "pre-fit forward: the blocks' hidden states and one layer's two sites": blocks * L * d * wb * 3,
+        "pre-fit samples: q/k/v and gate/up inputs, V heads, o_proj inputs (float32)":
+            s.layers * tokens * (2 * d + kvd + qd) * 4,
+        "pre-fit step: R1's rows, every layer's R2 rows (float32)":
+            (PREFIT_BATCH * d + s.layers * PREFIT_HEAD_TOKENS * (kvd + qd)) * 4 * 8,
+        "pre-fit forward: the blocks' hidden states and one layer's four sites":
+            blocks * L * (3 * d + kvd + qd) * wb,
     }
     return step if sum(step.values()) >= sum(prefit.values()) else prefit
 

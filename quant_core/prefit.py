@@ -1,100 +1,120 @@
-"""R1 pre-fit: the residual rotation fitted to the quantization error of the very activations it rotates.
+"""Pre-fit: R1 and every layer's R2 fitted to the quantization error of the very activations they rotate.
 
-SpinQuant learns R1 end to end (quant_core.learn): the loss of the whole quantized model on one batch at a
-time. That signal is weak and noisy: on SmolLM2-135M, 60 end-to-end steps of 4 x 512 tokens close about 5%
-of the W16A4KV4 gap of the random-Hadamard start. Yet the activations R1 feeds to the 4-bit quantizers (every
-layer's input-norm and post-attention-norm outputs: the q/k/v and gate/up inputs) lie near a low-dimensional
-subspace, and a rotation can spread each token of that subspace more evenly over the channels than a random
-Hadamard does. A smaller range per token is a smaller quantization step for that token.
+SpinQuant learns R1 and R2 end to end (quant_core.learn): the loss of the whole quantized model on one batch
+at a time. That signal is weak and noisy: on SmolLM2-135M, 60 end-to-end steps of 4 x 512 tokens close about
+5% of the W16A4KV4 gap of the random-Hadamard start. Yet the activations R1 feeds to the 4-bit quantizers
+(every layer's input-norm and post-attention-norm outputs: the q/k/v and gate/up inputs) lie near a
+low-dimensional subspace, and a rotation can spread each token of that subspace more evenly over the channels
+than a random Hadamard does. A smaller range per token is a smaller quantization step for that token. R2 does
+the same, per layer, for the V heads (into the KV quantizer) and the o_proj input (into the activation
+quantizer): both are rotated by it, and neither depends on R1.
 
 This stage collects those inputs once, from one FP forward of ``train.prefit_blocks`` training blocks: a seeded
-sample of ``PREFIT_TOKENS`` tokens per layer and site, each scaled to unit norm so every token counts the same.
-It then minimises their mean per-token fake-quantization error, ``||Q(x R) - x R||^2``, under the job's own
-activation quantizer (bits, symmetry, clip). The gradient reaches each token's range through the LSQ term
+sample of ``PREFIT_TOKENS`` tokens per layer, each row scaled to unit norm so every token counts the same. It
+then minimises their mean per-row fake-quantization error, ``||Q(x R) - x R||^2``, under the job's own
+quantizers (bits, symmetry, clip, groups). The gradient reaches each row's range through the LSQ term
 (quantizers.fake_quant_act, range_grad). The optimiser is Riemannian Adam on the Cayley retraction
-(cayley.cayley_adam_step), lr cosine-decayed from ``train.prefit_lr``. On SmolLM2-135M, 300 such steps take
-about 40 s on 2 CPU cores and cut that error 2.6x. The W16A4KV4 perplexity gap falls from +56% to +37%.
-The end-to-end steps then start from this R1.
+(cayley.cayley_adam_step), one state per rotation, lr cosine-decayed from ``train.prefit_lr``. The end-to-end
+steps, if any, then start from these rotations. What it buys on SmolLM2-135M is measured by bench/real.py.
 
 Example:
-    >>> r1, info = prefit_r1(model, cfg, blocks, r1, fp_runtime)
+    >>> r1, r2s, info = prefit_rotations(model, cfg, blocks, r1, r2s, fp_runtime)
 """
 
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .cayley import AdamState, cayley_adam_step, reorthonormalize
+from .cayley import AdamState, cayley_adam_step, cosine_lr, reorthonormalize
 from .config import SpinQuantConfig
 from .models import DecoderLM, QuantRuntime
 from .placement import Placement, visiting
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 from .quantizers import fake_quant_act
-from .sizes import PREFIT_BATCH, PREFIT_TOKENS
+from .sizes import PREFIT_BATCH, PREFIT_HEAD_TOKENS, PREFIT_TOKENS
 
+
+@dataclass
+class PrefitSamples:
+    """What the pre-fit fits, from one FP forward. x: (n_layers * 2 * T, d) unit rows R1 rotates into a
+    quantizer (each layer's q/k/v input, then its gate/up input); v: (n_layers, T * n_kv, hd) unit rows of
+    each layer's V heads (R2 rotates them into the KV quantizer); o: (n_layers, T, n_h * hd) unit rows of each
+    layer's o_proj input (R2 rotates every head of it into the activation quantizer). All float32."""
+
+    x: Tensor
+    v: Tensor
+    o: Tensor
+
+
+def _unit(t: Tensor) -> Tensor:
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 @torch.no_grad()
-def collect_residual_inputs(model: DecoderLM, blocks: Tensor, rt: QuantRuntime | None, micro: int, seed: int,
-                            place: Placement | None = None) -> Tensor:
-    """Unit-norm samples (n_layers * 2 * PREFIT_TOKENS, d), float32, of what R1 rotates into a quantizer: each
-    layer's input-norm output (the q/k/v input) and post-attention-norm output (the gate/up input), from the
-    FP forward of ``blocks`` (N, L) with ``rt``'s online transforms and no quantizer."""
+def collect_samples(model: DecoderLM, blocks: Tensor, rt: QuantRuntime | None, micro: int, seed: int,
+                    place: Placement | None = None) -> PrefitSamples:
+    """A seeded sample of ``PREFIT_TOKENS`` tokens per layer (and site) from the FP forward of ``blocks``
+    (N, L) with ``rt``'s online transforms and no quantizer; every row scaled to unit norm so every token
+    counts the same."""
     place = place or Placement(str(model.lm_head.weight.device))
     dev = torch.device(place.compute)
     gen = torch.Generator().manual_seed(seed)
     with visiting(model.model.embed_tokens, place):
         hs = [model.embed(blocks[s : s + micro].to(dev)) for s in range(0, blocks.shape[0], micro)]
     cos, sin = model.rope(blocks.shape[1], dev, hs[0].dtype)
-    d = model.arch.hidden
+    arch = model.arch
+    d, hd = arch.hidden, arch.head_dim
     tokens = blocks.numel()
     take = min(PREFIT_TOKENS, tokens)
-    samples = []
+    xs, vs, os_ = [], [], []
     for layer in model.model.layers:
+        at = layer.self_attn
         with visiting(layer, place):
-            sites: list[list[Tensor]] = [[], []]
+            sites: list[list[Tensor]] = [[], [], [], []]  # q/k/v input, gate/up input, V, o_proj input
             for k, h in enumerate(hs):
                 x1 = layer.input_layernorm(h)
-                h = h + layer.self_attn(x1, cos, sin, rt)
+                o = at.mix(x1, cos, sin, rt)  # forward's own pieces, with no quantizer in rt
+                h = h + at.o_proj(o)
                 x2 = layer.post_attention_layernorm(h)
                 hs[k] = h + layer.mlp(x2, rt)
-                sites[0].append(x1.reshape(-1, d))  # (m, L, d) -> (m*L, d)
-                sites[1].append(x2.reshape(-1, d))
-            for site in sites:
+                for site, t in zip(sites, (x1, x2, at.v_proj(x1), o)):
+                    site.append(t.reshape(-1, t.shape[-1]))  # (m, L, w) -> (m*L, w)
+            picks = [torch.randperm(tokens, generator=gen)[:take] for _ in range(3)]
+            for site, pick in zip(sites[:2], picks):
                 rows = torch.cat(site)
-                pick = torch.randperm(tokens, generator=gen)[:take].to(rows.device)
-                samples.append(rows[pick].float())
-    x = torch.cat(samples)
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                xs.append(rows[pick.to(rows.device)].float())
+            v = torch.cat(sites[2])[picks[2].to(dev)].float()
+            vs.append(v.reshape(take * arch.n_kv, hd))  # (T, n_kv*hd) -> (T*n_kv, hd): one row per token-head
+            os_.append(torch.cat(sites[3])[picks[2].to(dev)].float())
+    return PrefitSamples(x=_unit(torch.cat(xs)), v=_unit(torch.stack(vs)), o=_unit(torch.stack(os_)))
 
 
-@torch.no_grad()
-def site_grams(model: DecoderLM) -> Tensor:
-    """(n_layers * 2, d, d) float32: W^T W of the linears reading each site (q/k/v stacked, gate/up stacked), in
-    the order collect_residual_inputs samples them: the output error of an input error e is e W^T W e^T."""
-    grams = []
-    for layer in model.model.layers:
-        at, mlp = layer.self_attn, layer.mlp
-        for mods in ((at.q_proj, at.k_proj, at.v_proj), (mlp.gate_proj, mlp.up_proj)):
-            w = torch.cat([m.weight for m in mods]).float()  # (sum out, d)
-            grams.append(w.T @ w)
-    return torch.stack(grams)
-
-
-def output_error(x: Tensor, r: Tensor, cfg: SpinQuantConfig, grams: Tensor, energy: Tensor) -> Tensor:
-    """Mean over sites of E||(Q(xR) - xR) R^T W^T||^2 / E||x W^T||^2: the relative output error of each site's
-    linears. x (S, b, d) samples per site, grams (S, d, d), energy (S,)."""
-    a = cfg.activations
-    rf = r.to(x.dtype)
-    y = x @ rf
-    q = fake_quant_act(y, bits=a.bits, sym=a.sym, clip_ratio=a.clip_ratio, half_range=a.half_range, range_grad=True)
-    u = (q - y) @ rf.T  # the error back in the weights' basis
-    return (((u @ grams) * u).sum(-1).mean(-1) / energy).mean()
+def head_quant_error(v: Tensor, o: Tensor, r2: Tensor, cfg: SpinQuantConfig) -> Tensor:
+    """Summed over layers, the mean per-row ||Q(x R2) - x R2||^2 of the V heads under the KV quantizer plus
+    that of the o_proj input (every head rotated) under the activation quantizer; v (n, rows, hd), o (n, T,
+    n_h*hd), r2 (n, hd, hd). A side whose quantizer is 16-bit adds nothing."""
+    a, kv = cfg.activations, cfg.kv
+    rf = r2.to(v.dtype)
+    total = v.new_zeros(())
+    if kv.bits < 16:
+        y = v @ rf  # (n, rows, hd)
+        q = fake_quant_act(y, bits=kv.bits, sym=kv.sym, clip_ratio=kv.clip_ratio, range_grad=True)
+        total = total + (q - y).pow(2).sum(-1).mean(-1).sum()
+    if a.bits < 16:
+        n, t, w = o.shape
+        hd = r2.shape[-1]
+        # (n, T, n_h*hd) -> (n, T*n_h, hd) @ R2 -> (n, T, n_h*hd): the same R2 on every head
+        y = (o.reshape(n, t * (w // hd), hd) @ rf).reshape(n, t, w)
+        group = hd if a.o_proj_per_head else -1
+        q = fake_quant_act(y, bits=a.bits, sym=a.sym, clip_ratio=a.clip_ratio, group_size=group,
+                           half_range=a.half_range, range_grad=True)
+        total = total + (q - y).pow(2).sum(-1).mean(-1).sum()
+    return total
 
 
 def quant_error(x: Tensor, r: Tensor, cfg: SpinQuantConfig) -> Tensor:
@@ -105,60 +125,62 @@ def quant_error(x: Tensor, r: Tensor, cfg: SpinQuantConfig) -> Tensor:
     return (q - y).pow(2).sum(-1).mean()
 
 
-def prefit_r1(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1: Tensor, rt: QuantRuntime | None,
-              place: Placement | None = None, progress: ProgressFn = no_progress,
-              should_cancel: CancelFn = never_cancel) -> tuple[Tensor, dict[str, Any]]:
-    """``cfg.train.prefit_steps`` Riemannian Adam steps on :func:`quant_error` from ``r1``; returns the fitted
-    R1 (float64, re-orthonormalised) and what the report records (the error before and after, seconds).
-    Progress is reported as the learn stage with ``phase: prefit`` (its own step and error keys, so a loss
-    chart of the end-to-end steps is not mixed with it)."""
+def prefit_rotations(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1: Tensor, r2s: list[Tensor],
+                     rt: QuantRuntime | None, place: Placement | None = None, progress: ProgressFn = no_progress,
+                     should_cancel: CancelFn = never_cancel) -> tuple[Tensor, list[Tensor], dict[str, Any]]:
+    """``cfg.train.prefit_steps`` Riemannian Adam steps from ``r1``/``r2s``: R1 on :func:`quant_error`, every
+    layer's R2 on :func:`head_quant_error` (one batched step for the stack; the layers do not interact). Returns the
+    fitted rotations (float64, re-orthonormalised) and what the report records (the errors before and after,
+    seconds). Progress is reported as the learn stage with ``phase: prefit`` (its own step and error keys, so a
+    loss chart of the end-to-end steps is not mixed with it)."""
     tc = cfg.train
     t0 = time.perf_counter()
     progress("learn", 0.0, {"phase": "prefit", "prefit_step": 0, "prefit_steps": tc.prefit_steps})
-    x = collect_residual_inputs(model, blocks[: tc.prefit_blocks], rt, tc.micro_batch, cfg.seed, place)
+    smp = collect_samples(model, blocks[: tc.prefit_blocks], rt, tc.micro_batch, cfg.seed, place)
+    x, v, o = smp.x, smp.v, smp.o
+    dev = x.device
     gen = torch.Generator().manual_seed(cfg.seed)
-    weighted = getattr(tc, "prefit_weighting", "none") == "output"
-    if weighted:
-        grams = site_grams(model).to(x.device)
-        xs = x.view(grams.shape[0], -1, x.shape[-1])  # (S*T, d) -> (S, T, d)
-        energy = ((xs @ grams) * xs).sum(-1).mean(-1)  # (S,)
-        per = max(1, PREFIT_BATCH // grams.shape[0])
+    probe = torch.randperm(x.shape[0], generator=gen)[:PREFIT_BATCH].to(dev)
+    n_tok = o.shape[1]
+    head_take = min(PREFIT_HEAD_TOKENS, n_tok)
+    n_kv = v.shape[1] // n_tok
 
-        def objective(r: Tensor, rows: Tensor | None) -> Tensor:
-            sub = xs[:, rows] if rows is not None else xs[:, :per]
-            return output_error(sub, r, cfg, grams, energy)
+    def heads(tok: Tensor) -> tuple[Tensor, Tensor]:
+        # token t owns V rows t*n_kv .. t*n_kv + n_kv - 1 (collect_samples' layout)
+        rows = (tok[:, None] * n_kv + torch.arange(n_kv, device=dev)).reshape(-1)
+        return v[:, rows], o[:, tok]
 
-        def draw() -> Tensor:
-            return torch.randint(0, xs.shape[1], (per,), generator=gen).to(x.device)
-    else:
-        probe_rows = torch.randperm(x.shape[0], generator=gen)[:PREFIT_BATCH].to(x.device)
-
-        def objective(r: Tensor, rows: Tensor | None) -> Tensor:
-            return quant_error(x[rows] if rows is not None else x[probe_rows], r, cfg)
-
-        def draw() -> Tensor:
-            return torch.randint(0, x.shape[0], (PREFIT_BATCH,), generator=gen).to(x.device)
-    r = r1.detach().to(device=x.device, dtype=torch.float64).clone().requires_grad_(True)
+    head_probe = heads(torch.randperm(n_tok, generator=gen)[:head_take].to(dev))
+    r = r1.detach().to(device=dev, dtype=torch.float64).clone().requires_grad_(True)
+    r2 = torch.stack([m.detach().to(device=dev, dtype=torch.float64) for m in r2s]).requires_grad_(True)
     with torch.no_grad():
-        start = float(objective(r, None))
+        start, start2 = float(quant_error(x[probe], r, cfg)), float(head_quant_error(*head_probe, r2, cfg))
     state = AdamState.like(r)
+    state2 = AdamState.like(r2)  # one stack: each layer's moments are its own entries
     for step in range(tc.prefit_steps):
         check_cancel(should_cancel, f"R1 pre-fit step {step + 1}/{tc.prefit_steps}")
-        loss = objective(r, draw())
-        loss.backward()
-        lr = 0.5 * tc.prefit_lr * (1.0 + math.cos(math.pi * step / tc.prefit_steps))
+        rows = torch.randint(0, x.shape[0], (PREFIT_BATCH,), generator=gen).to(dev)
+        loss = quant_error(x[rows], r, cfg)
+        loss2 = head_quant_error(*heads(torch.randint(0, n_tok, (head_take,), generator=gen).to(dev)), r2, cfg)
+        (loss + loss2).backward()
+        lr = cosine_lr(tc.prefit_lr, step, tc.prefit_steps)
         with torch.no_grad():
-            assert r.grad is not None
+            assert r.grad is not None and r2.grad is not None
             r.copy_(cayley_adam_step(r, r.grad, state, lr))
-            r.grad = None
+            r2.copy_(cayley_adam_step(r2, r2.grad, state2, lr))
+            r.grad = r2.grad = None
         progress("learn", (step + 1) / tc.prefit_steps, {"phase": "prefit", "prefit_step": step + 1,
                                                          "prefit_steps": tc.prefit_steps,
-                                                         "prefit_error": float(loss.detach())})
+                                                         "prefit_error": float(loss.detach()),
+                                                         "prefit_head_error": float(loss2.detach())})
     fitted = reorthonormalize(r.detach())
+    fitted2 = list(reorthonormalize(r2.detach()).unbind())
     with torch.no_grad():
-        end = float(objective(fitted, None))
-    return fitted, {"prefit_steps": tc.prefit_steps, "prefit_error_start": start, "prefit_error_end": end,
-                    "prefit_rows": int(x.shape[0]), "prefit_seconds": time.perf_counter() - t0}
+        end = float(quant_error(x[probe], fitted, cfg))
+        end2 = float(head_quant_error(*head_probe, torch.stack(fitted2), cfg))
+    return fitted, fitted2, {"prefit_steps": tc.prefit_steps, "prefit_error_start": start, "prefit_error_end": end,
+                             "prefit_head_error_start": start2, "prefit_head_error_end": end2,
+                             "prefit_rows": int(x.shape[0]), "prefit_seconds": time.perf_counter() - t0}
 
 
-__all__ = ["collect_residual_inputs", "prefit_r1", "quant_error"]
+__all__ = ["PrefitSamples", "collect_samples", "head_quant_error", "prefit_rotations", "quant_error"]

@@ -8,4 +8,5 @@ LOGIT_CHUNK_ELEMS = 1 << 24  # logits per vocabulary chunk, 64 MiB in float32 (l
 GPTQ_MICRO_BATCH = 8  # calibration windows per forward in GPTQ (convert.quantize_weights)
 PREFIT_TOKENS = 1024  # tokens sampled per layer and site for the R1 pre-fit (prefit)
 PREFIT_BATCH = 8192  # sampled rows per pre-fit step (prefit)
+PREFIT_HEAD_TOKENS = 256  # sampled tokens per layer and pre-fit step for the R2s (their V heads, o_proj input)
 ROW_CHUNK = 4096  # vocabulary rows per float64 step on the embedding and lm_head (rotation)

@@ -25,7 +25,8 @@ from tests.conftest import ROOT, TEST_TEXT, TRAIN_TEXT
 
 # tests/api/conftest.py FAST, as flags; the seed varies per test so no job is a cache hit of another.
 FAST = ["--w-bits", "4", "--a-bits", "4", "--kv-bits", "4", "--seq-len", "128", "--set", "train_samples=16",
-        "--set", "calib_samples=8", "--set", "batch_size=2", "--set", "eval_windows=8"]
+        "--set", "calib_samples=8", "--set", "batch_size=2", "--set", "eval_windows=8",
+        "--set", "prefit_steps=10"]
 TEXTS = ["--calib-text", str(TRAIN_TEXT), "--eval-text", str(TEST_TEXT)]
 LINE = re.compile(r"^\[(\w+)\] \d+%( step \d+(/\d+)?)?( loss [\d.e+-]+)?( eta \S+)?$")
 

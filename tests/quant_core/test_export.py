@@ -20,6 +20,7 @@ from tests.conftest import MODELS, ROOT, TEST_TEXT, TRAIN_TEXT
 
 LLAMA = MODELS / "llama-tiny"
 SMALL = dict(seq_len=128, calib_samples=8, train_samples=16, batch_size=4, micro_batch=4, eval_windows=6, steps=2,
+             prefit_steps=10,
              calib_source=f"file:{TRAIN_TEXT}", eval_source=f"file:{TEST_TEXT}", device="cpu")
 
 

@@ -22,7 +22,7 @@ from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
 
 GiB = 1 << 30
 CONFIGS = MODELS.parent / "configs"
-SMALL = dict(seq_len=128, calib_samples=8, eval_windows=6, calib_source=f"file:{TRAIN_TEXT}",
+SMALL = dict(seq_len=128, calib_samples=8, eval_windows=6, prefit_steps=10, calib_source=f"file:{TRAIN_TEXT}",
              eval_source=f"file:{TEST_TEXT}", device="cpu")
 
 

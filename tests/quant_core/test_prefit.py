@@ -1,4 +1,4 @@
-"""R1 pre-fit: the samples it fits, the Riemannian Adam step, and that it lowers the activations' own error."""
+"""Pre-fit: the samples it fits, the Riemannian Adam step, and that it lowers the activations' own error."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from quant_core.cayley import AdamState, cayley_adam_step, orthogonality_error
 from quant_core.config import make_config
 from quant_core.hadamard import random_hadamard_matrix
 from quant_core.models import QuantRuntime, load_model, resolve_model
-from quant_core.prefit import collect_residual_inputs, prefit_r1, quant_error
+from quant_core.prefit import collect_samples, head_quant_error, prefit_rotations, quant_error
 from quant_core.sizes import PREFIT_TOKENS
 from quant_core.rotation import fold_norms
 from tests.conftest import MODELS
@@ -33,12 +33,17 @@ def test_collected_inputs_are_unit_rows_from_every_layer_and_site() -> None:
     model = load_model(resolve_model(str(MODELS / "llama-tiny")))
     fold_norms(model)
     blocks = torch.randint(4, 1024, (3, 40), generator=torch.Generator().manual_seed(0))  # 120 tokens
-    x = collect_residual_inputs(model, blocks, None, micro=2, seed=0)
+    smp = collect_samples(model, blocks, None, micro=2, seed=0)
+    a = model.arch
     per_site = min(PREFIT_TOKENS, blocks.numel())
-    assert x.shape == (model.arch.n_layers * 2 * per_site, model.arch.hidden) and x.dtype == torch.float32
-    assert torch.allclose(x.norm(dim=-1), torch.ones(x.shape[0]), atol=1e-5)
-    again = collect_residual_inputs(model, blocks, None, micro=3, seed=0)  # micro-batching changes nothing
-    assert torch.allclose(x, again, atol=1e-6)
+    assert smp.x.shape == (a.n_layers * 2 * per_site, a.hidden) and smp.x.dtype == torch.float32
+    assert smp.v.shape == (a.n_layers, per_site * a.n_kv, a.head_dim)
+    assert smp.o.shape == (a.n_layers, per_site, a.n_heads * a.head_dim)
+    for t in (smp.x, smp.v, smp.o):
+        assert torch.allclose(t.norm(dim=-1), torch.ones(t.shape[:-1]), atol=1e-5)
+    again = collect_samples(model, blocks, None, micro=3, seed=0)  # micro-batching changes nothing
+    for t, u in ((smp.x, again.x), (smp.v, again.v), (smp.o, again.o)):
+        assert torch.allclose(t, u, atol=1e-6)
 
 
 def test_prefit_lowers_the_quantization_error_of_the_real_inputs() -> None:
@@ -47,9 +52,14 @@ def test_prefit_lowers_the_quantization_error_of_the_real_inputs() -> None:
     cfg = make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4, seq_len=64, settings={"train.prefit_steps": 60,
                                                                                       "train.prefit_blocks": 4})
     blocks = torch.randint(4, 1024, (4, 64), generator=torch.Generator().manual_seed(1))
-    r1 = random_hadamard_matrix(model.arch.hidden, torch.Generator().manual_seed(0))
-    fitted, info = prefit_r1(model, cfg, blocks, r1, QuantRuntime())
-    assert float(orthogonality_error(fitted)) < 1e-10
+    gen = torch.Generator().manual_seed(0)
+    r1 = random_hadamard_matrix(model.arch.hidden, gen)
+    r2s = [random_hadamard_matrix(model.arch.head_dim, gen) for _ in range(model.arch.n_layers)]
+    fitted, fitted2, info = prefit_rotations(model, cfg, blocks, r1, r2s, QuantRuntime())
+    assert float(orthogonality_error(fitted)) < 1e-10 and max(float(orthogonality_error(m)) for m in fitted2) < 1e-10
     assert info["prefit_error_end"] < 0.7 * info["prefit_error_start"], info
-    x = collect_residual_inputs(model, blocks, QuantRuntime(), 4, 0)
-    assert float(quant_error(x, fitted, cfg)) < float(quant_error(x, r1, cfg))  # on every sample, not only the probe
+    assert info["prefit_head_error_end"] < info["prefit_head_error_start"], info
+    smp = collect_samples(model, blocks, QuantRuntime(), 4, 0)
+    assert float(quant_error(smp.x, fitted, cfg)) < float(quant_error(smp.x, r1, cfg))  # every sample, not the probe
+    assert float(head_quant_error(smp.v, smp.o, torch.stack(fitted2), cfg)) < float(
+        head_quant_error(smp.v, smp.o, torch.stack(r2s), cfg))

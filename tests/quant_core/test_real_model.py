@@ -53,9 +53,12 @@ def test_w4a16_g64_gptq_exports_and_reloads_to_the_reported_perplexity(real_mode
 
 def test_w4a4kv4_spinquant_learns_exports_and_reloads(real_model: Path, tmp_path: Path) -> None:
     cfg = make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4, steps=2, batch_size=2, micro_batch=2,
-                      train_samples=4, **SMALL)
+                      train_samples=4, settings={"train.prefit_steps": 40, "train.prefit_blocks": 2}, **SMALL)
     res = quantize_model(str(real_model), cfg)
     rep = res.report
+    rot = rep["rotation"]
+    assert rot["prefit_error_end"] < 0.8 * rot["prefit_error_start"], rot  # the pre-fit works on real activations
+    assert rot["prefit_head_error_end"] < rot["prefit_head_error_start"], rot
     assert len(rep["loss_curve"]) == 2 and all(0 < v < 5 for v in rep["loss_curve"])
     assert rep["fp_ppl"] < rep["quant_ppl"] < 3 * rep["fp_ppl"]
     reloaded = _roundtrip(res, tmp_path)

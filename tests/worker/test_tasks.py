@@ -24,7 +24,7 @@ from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
 from worker.settings import WorkerSettings
 from worker.tasks import run_job
 
-SMALL = dict(w_bits=4, a_bits=4, kv_bits=4, seq_len=128, steps=2, train_samples=8, calib_samples=4, batch_size=2,
+SMALL = dict(w_bits=4, a_bits=4, kv_bits=4, seq_len=128, steps=2, prefit_steps=10, train_samples=8, calib_samples=4, batch_size=2,
              eval_windows=4, calib_source=f"file:{TRAIN_TEXT}", eval_source=f"file:{TEST_TEXT}")
 
 
