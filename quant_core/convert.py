@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import SpinQuantConfig, WeightAlgo
 from .gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
+from .memory import release_free_memory
 from .models import DecoderLM, QuantRuntime, decoder_linears, layer_prefix, quant_input
 from .placement import Placement, visiting
 from .progress import CancelFn, ProgressFn, check_cancel
@@ -94,6 +95,7 @@ def quantize_weights(
         check_cancel(should_cancel, f"quantizing layer {i + 1}/{arch.n_layers}")
         with visiting(model.model.layers[i], place):
             loss = _gptq_layer(model, i, h, cfg, rt_calib, micro_batch, place, results)  # h becomes its output
+        release_free_memory()  # the layer's temporaries leave the resident set (quant_core.memory)
         progress("quantize", (i + 1) / arch.n_layers, {"layer": i + 1, "of": arch.n_layers, "gptq_loss": loss})
     return results
 

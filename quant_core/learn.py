@@ -4,7 +4,7 @@ The loss (train.loss) is the KL divergence from the FP model's next-token distri
 fake-quantized model's, at every position of the same batch (the default: the FP logits are one
 no-grad forward, and what learning follows is the quantization error, not the batch), or SpinQuant's
 next-token cross-entropy. Every fake quantizer is a straight-through estimator, so gradients reach
-R1/R2 through the rotated weights, which are formed on the fly (in float32) each forward (nothing is
+R1/R2 through the rotated weights, which are formed on the fly (in the model dtype) each forward (nothing is
 merged while learning). Model weights stay frozen. With no quantizer in the loss the loss is exactly
 rotation-invariant and gives no signal, so callers must enable activation/KV (or weight) quantization
 first. Neither loss materialises a batch's full-vocabulary logits (quant_core.losses).
@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .cayley import cayley_step, cosine_lr, orthogonality_error, reorthonormalize
 from .config import SpinQuantConfig
 from .losses import head_loss
+from .memory import release_free_memory
 from .models import DecoderLM, QuantRuntime
 from .placement import Placement, visiting
 from .progress import CancelFn, ProgressFn, check_cancel
@@ -46,24 +47,23 @@ class LearnResult:
     seconds: float = 0.0
 
 
-# The learning forward rotates every weight on the fly, in float32: its result is cast to the model dtype
-# (bf16 on a GPU, 3 significant digits) at once, so float64 would only double the largest cost of a step
-# (params x d multiply-adds per forward, twice with the backward recompute). The merge for CONVERT stays in
-# float64 (rotation.merge_rotations), and R1/R2 themselves and their Cayley updates are float64.
-LEARN_ROTATE_DTYPE = torch.float32
+# The learning forward rotates every weight on the fly, in the model dtype: the product is the model-dtype
+# weight the forward then uses, so a wider type would only buy digits the cast drops at once (bf16 keeps 3
+# significant digits; a bf16 R1 changes each product by a relative 2^-9, as the final cast does). It is the
+# largest extra cost of a step (params x d multiply-adds per forward, twice with the backward recompute), and
+# CPUs and GPUs both multiply bf16 several times faster than float32 (SmolLM2's (1536, 576) @ (576, 576) on
+# the 2-core dev machine: 3.5 ms against 13.8 ms). The merge for CONVERT stays in float64
+# (rotation.merge_rotations), and R1/R2 themselves and their Cayley updates are float64.
 
 
 def _layer_params(model: DecoderLM, i: int, r1: Tensor, r2: Tensor, w_bits: int, cfg: SpinQuantConfig) -> dict[str, Tensor]:
-    """Layer i's linear parameters with R1/R2 applied (LEARN_ROTATE_DTYPE math, model dtype out),
-    weight-fake-quantized with STE when w_bits < 16. Keys are relative to the layer (``self_attn.q_proj.weight``)."""
+    """Layer i's linear parameters with R1/R2 applied (in the model dtype), weight-fake-quantized with STE
+    when w_bits < 16. Keys are relative to the layer (``self_attn.q_proj.weight``)."""
     dtype = model.lm_head.weight.dtype
-    rd = LEARN_ROTATE_DTYPE
-    base = {k: (None if v is None else v.to(rd)) for k, v in layer_tensors(model, i).items()}
     out: dict[str, Tensor] = {}
-    for key, value in rotate_layer(base, model.arch, r1.to(rd), r2.to(rd)).items():
+    for key, value in rotate_layer(layer_tensors(model, i), model.arch, r1.to(dtype), r2.to(dtype)).items():
         if value is None:
             continue
-        value = value.to(dtype)
         if w_bits < 16 and key.endswith(".weight"):
             wq = cfg.weights
             value = fake_quant_weight(value, bits=w_bits, group_size=wq.group_size, sym=wq.sym, mse_clip=wq.mse_clip)
@@ -189,6 +189,7 @@ def train_rotations(
             loss = batch_loss(model, hidden, ids, teacher, placement) / accum
             loss.backward()
             step_loss += float(loss.detach())
+        release_free_memory()  # the step's temporaries leave the resident set (quant_core.memory)
         grads = [r1.grad, *(r.grad for r in r2s)]
         sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
         norm = math.sqrt(sq)

@@ -58,19 +58,23 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad = torch.empty_like(hidden)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for s in range(0, n, step):
-            z = _logits(hidden[s : s + step], weight)  # (c, V) student logits
-            logp = z.log_softmax(-1)
+            # In place where a chunk-sized result is not needed again: at most sizes.HEAD_LOSS_CHUNKS (c, V) float32
+            # buffers live at once, where the plain expressions would hold seven.
+            logp = _logits(hidden[s : s + step], weight).log_softmax(-1)  # (c, V) student log-probabilities
             if kind == "kl":
                 logq = _logits(target[s : s + step], weight).log_softmax(-1)  # the FP model's distribution
                 q = logq.exp()
-                total += (q * (logq - logp)).sum().double()  # KL(q || p), summed over the chunk's rows
-                dz = logp.exp() - q  # d KL / d z = p - q
+                total += logq.sub_(logp).mul_(q).sum().double()  # KL(q || p) = sum q (log q - log p), the chunk's rows
+                del logq
+                dz = logp.exp_().sub_(q)  # d KL / d z = p - q
+                del q
             else:
                 t = target[s : s + step]
                 total += -logp.gather(1, t[:, None]).sum().double()
-                dz = logp.exp()
+                dz = logp.exp_()
                 dz[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d CE / d z = p - onehot(t)
             grad[s : s + step] = (dz.to(weight.dtype) @ weight).to(hidden.dtype) / n  # (c, V) @ (V, d)
+            del logp, dz
         ctx.save_for_backward(grad)
         return (total / n).to(torch.float32)
 

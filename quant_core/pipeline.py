@@ -203,6 +203,10 @@ def quantize_model(
     learning = cfg.learning
     # Tokenised once: learning uses it as is (no BOS), GPTQ calibration with one BOS in front (§6, §8).
     calib_tokens = encode(tokenizer, load_text(cfg.calib.source, "train")) if (needs_calib or learning) else None
+    gptq_tokens = with_bos(tokenizer, calib_tokens) if (needs_calib and calib_tokens is not None) else None
+    if not cfg.zero_shot_tasks:
+        # Nothing reads text after this; a fast tokenizer holds 100+ MB (SmolLM2's: 136 MiB) for the whole job.
+        del tokenizer
     check_cancel(should_cancel, "load")
     model = load_model(src, dtype=dtype, device="cpu" if place.offload else device)
     timings["load"] = time.perf_counter() - t0
@@ -250,12 +254,12 @@ def quantize_model(
         def learn_progress(lo: float, hi: float) -> ProgressFn:
             return lambda stage, fraction, info: progress(stage, lo + (hi - lo) * fraction, info)
 
+        learn_rt = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits, learning=True)
         if cfg.prefit_on:
-            r1, r2s, learn_info = prefit_rotations(model, cfg, blocks, r1, r2s, fp_runtime, place,
+            r1, r2s, learn_info = prefit_rotations(model, cfg, blocks, r1, r2s, fp_runtime, learn_rt, place,
                                                    learn_progress(0.0, share), should_cancel)
         if cfg.train.steps > 0:
-            model.quant = build_runtime(cfg, arch, plans, a_bits=cfg.activations.bits, kv_bits=cfg.kv.bits,
-                                        learning=True)
+            model.quant = learn_rt
             try:
                 res = train_rotations(model, cfg, blocks[: cfg.train.samples], r1, r2s, learn_progress(share, 1.0),
                                       should_cancel, placement=place, teacher_rt=fp_runtime)
@@ -279,8 +283,8 @@ def quantize_model(
     if cfg.weights.bits < 16:
         calib = None
         if needs_calib:
-            assert calib_tokens is not None
-            calib = calibration_windows(with_bos(tokenizer, calib_tokens), cfg.calib.samples, cfg.calib.seq_len,
+            assert gptq_tokens is not None
+            calib = calibration_windows(gptq_tokens, cfg.calib.samples, cfg.calib.seq_len,
                                         cfg.seed)
         rt_calib = QuantRuntime(r4=plans.r4)  # full-precision activations, R4 active (§8)
         qweights = quantize_weights(model, cfg, calib, rt_calib, progress, should_cancel, placement=place)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import SpinQuantConfig
-from .sizes import (EVAL_BATCH_TOKENS, GPTQ_MICRO_BATCH, LOGIT_CHUNK_ELEMS, PREFIT_BATCH, PREFIT_HEAD_TOKENS,
-                    PREFIT_TOKENS)
+from .sizes import (EVAL_BATCH_TOKENS, GPTQ_MICRO_BATCH, HEAD_LOSS_CHUNKS, LOGIT_CHUNK_ELEMS, PREFIT_CHUNK_LAYERS,
+                    PREFIT_CHUNK_ROWS, PREFIT_HEAD_TOKENS, PREFIT_TOKENS)
 
 GiB = 1 << 30
 HEADROOM = 0.9  # usable share of device memory (CUDA context, allocator fragmentation)
@@ -118,13 +118,14 @@ def _learn_terms(s: Shape, cfg: SpinQuantConfig, wb: int) -> dict[str, int]:
         "R1 + R2 in float64: value, gradient, update workspace": rot * 8 * 3,
         "checkpointed layer inputs": s.layers * m * L * d * wb,
         "FP teacher and quantized final hidden states, their gradient": 3 * m * L * d * wb,
-        # the float32 copy it is rotated from, the float32 product, the cast; in backward its gradient twice
-        "one layer's weights rotated on the fly (float32) and their gradient": linear * (4 + 4 + wb + wb + 4),
+        # the product in the model dtype (quant_core.learn rotates in it); in backward the product again and its gradient
+        "one layer's weights rotated on the fly and their gradient": linear * 3 * wb,
         # autograd's saved tensors of one recomputed layer: its inputs and outputs in the model dtype, the
         # quantizers' float32 dx/ds, the online R3/R4 in float32
         "one layer's activations kept for backward": m * L * (wb * (3 * d + 6 * qd + 4 * kvd + 4 * ff)
                                                           + 4 * (2 * d + 2 * qd + 2 * kvd + 3 * ff)),
-        "one vocabulary chunk: logits, softmaxes, their gradient (float32)": rows * s.vocab * (wb + 4 * 5),
+        # the lm_head's output in the model dtype beside the float32 log-softmaxes; the gradient is made in place
+        "one vocabulary chunk: logits, log-softmaxes (float32)": rows * s.vocab * (wb + 4 * HEAD_LOSS_CHUNKS),
     }
     if not cfg.prefit_on:
         return step
@@ -133,8 +134,11 @@ def _learn_terms(s: Shape, cfg: SpinQuantConfig, wb: int) -> dict[str, int]:
     prefit = {
         "pre-fit samples: q/k/v and gate/up inputs, V heads, o_proj inputs (float32)":
             s.layers * tokens * (2 * d + kvd + qd) * 4,
-        "pre-fit step: R1's rows, every layer's R2 rows (float32)":
-            (PREFIT_BATCH * d + s.layers * PREFIT_HEAD_TOKENS * (kvd + qd)) * 4 * 8,
+        # autograd holds about 15 copies of a quantized row (the float32 grid, its range-gradient terms, the
+        # error and their gradients) for one chunk at a time
+        "pre-fit step: every layer's sampled R2 rows, one chunk's rows with autograd's copies (float32)":
+            (s.layers * PREFIT_HEAD_TOKENS * (kvd + qd)
+             + 15 * max(PREFIT_CHUNK_ROWS * d, PREFIT_CHUNK_LAYERS * PREFIT_HEAD_TOKENS * (kvd + qd))) * 4,
         "pre-fit forward: the blocks' hidden states and one layer's four sites":
             blocks * L * (3 * d + kvd + qd) * wb,
     }
@@ -191,7 +195,7 @@ def _placement(stage: str, need: int, usable: int, s: Shape, terms: dict[str, in
         if streamed <= usable:
             return False, f"offload: {streamed / GiB:.1f} GiB on GPU, weights in host RAM (each layer streamed twice per micro-batch)"
         # FSDP would shard the frozen weights (and the float64 layer copies) across k GPUs; activations stay per GPU.
-        sharded = terms["weights (frozen)"] + terms.get("one layer's weights rotated on the fly (float32) and their gradient", 0)
+        sharded = terms["weights (frozen)"] + terms.get("one layer's weights rotated on the fly and their gradient", 0)
         rest = need - sharded
         if rest >= usable:
             return False, "does not fit even sharded: lower seq_len or micro_batch"

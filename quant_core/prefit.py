@@ -18,13 +18,13 @@ quantizers (bits, symmetry, clip, groups). The gradient reaches each row's range
 steps, if any, then start from these rotations. What it buys on SmolLM2-135M is measured by bench/real.py.
 
 Example:
-    >>> r1, r2s, info = prefit_rotations(model, cfg, blocks, r1, r2s, fp_runtime)
+    >>> r1, r2s, info = prefit_rotations(model, cfg, blocks, r1, r2s, fp_runtime, quant_runtime)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,11 +32,11 @@ from torch import Tensor
 
 from .cayley import AdamState, cayley_adam_step, cosine_lr, reorthonormalize
 from .config import SpinQuantConfig
+from .memory import release_free_memory
 from .models import DecoderLM, QuantRuntime
 from .placement import Placement, visiting
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
-from .quantizers import fake_quant_act
-from .sizes import PREFIT_BATCH, PREFIT_HEAD_TOKENS, PREFIT_TOKENS
+from .sizes import PREFIT_BATCH, PREFIT_CHUNK_LAYERS, PREFIT_CHUNK_ROWS, PREFIT_HEAD_TOKENS, PREFIT_TOKENS
 
 
 @dataclass
@@ -71,70 +71,73 @@ def collect_samples(model: DecoderLM, blocks: Tensor, rt: QuantRuntime | None, m
     d, hd = arch.hidden, arch.head_dim
     tokens = blocks.numel()
     take = min(PREFIT_TOKENS, tokens)
-    xs, vs, os_ = [], [], []
-    for layer in model.model.layers:
+    n_o = arch.n_heads * hd
+    # Filled layer by layer, so the samples are never held twice (a list of parts, then their concatenation).
+    x = torch.empty(arch.n_layers * 2 * take, d, device=dev)
+    v = torch.empty(arch.n_layers, take * arch.n_kv, hd, device=dev)
+    o = torch.empty(arch.n_layers, take, n_o, device=dev)
+    for li, layer in enumerate(model.model.layers):
         at = layer.self_attn
         with visiting(layer, place):
             sites: list[list[Tensor]] = [[], [], [], []]  # q/k/v input, gate/up input, V, o_proj input
             for k, h in enumerate(hs):
                 x1 = layer.input_layernorm(h)
-                o = at.mix(x1, cos, sin, rt)  # forward's own pieces, with no quantizer in rt
-                h = h + at.o_proj(o)
+                a = at.mix(x1, cos, sin, rt)  # forward's own pieces, with no quantizer in rt
+                h = h + at.o_proj(a)
                 x2 = layer.post_attention_layernorm(h)
                 hs[k] = h + layer.mlp(x2, rt)
-                for site, t in zip(sites, (x1, x2, at.v_proj(x1), o)):
+                for site, t in zip(sites, (x1, x2, at.v_proj(x1), a)):
                     site.append(t.reshape(-1, t.shape[-1]))  # (m, L, w) -> (m*L, w)
-            picks = [torch.randperm(tokens, generator=gen)[:take] for _ in range(3)]
-            for site, pick in zip(sites[:2], picks):
-                rows = torch.cat(site)
-                xs.append(rows[pick.to(rows.device)].float())
-            v = torch.cat(sites[2])[picks[2].to(dev)].float()
-            vs.append(v.reshape(take * arch.n_kv, hd))  # (T, n_kv*hd) -> (T*n_kv, hd): one row per token-head
-            os_.append(torch.cat(sites[3])[picks[2].to(dev)].float())
-    return PrefitSamples(x=_unit(torch.cat(xs)), v=_unit(torch.stack(vs)), o=_unit(torch.stack(os_)))
+            picks = [torch.randperm(tokens, generator=gen)[:take].to(dev) for _ in range(3)]
+            for j, (site, pick) in enumerate(zip(sites[:2], picks)):
+                at_rows = slice((2 * li + j) * take, (2 * li + j + 1) * take)
+                x[at_rows] = _unit(torch.cat(site)[pick].float())
+            # (T, n_kv*hd) -> (T*n_kv, hd): one row per token-head
+            v[li] = _unit(torch.cat(sites[2])[picks[2]].float().reshape(take * arch.n_kv, hd))
+            o[li] = _unit(torch.cat(sites[3])[picks[2]].float())
+        release_free_memory()  # the layer's four sites leave the resident set (quant_core.memory)
+    return PrefitSamples(x=x, v=v, o=o)
 
 
-def head_quant_error(v: Tensor, o: Tensor, r2: Tensor, cfg: SpinQuantConfig) -> Tensor:
-    """Summed over layers, the mean per-row ||Q(x R2) - x R2||^2 of the V heads under the KV quantizer plus
-    that of the o_proj input (every head rotated) under the activation quantizer; v (n, rows, hd), o (n, T,
-    n_h*hd), r2 (n, hd, hd). A side whose quantizer is 16-bit adds nothing."""
-    a, kv = cfg.activations, cfg.kv
+def head_quant_error(v: Tensor, o: Tensor, r2: Tensor, qrt: QuantRuntime) -> Tensor:
+    """Summed over layers, the mean per-row ||Q(x R2) - x R2||^2 of the V heads under ``qrt``'s KV quantizer
+    plus that of the o_proj input (every head rotated) under its activation quantizer (with its o_proj group);
+    v (n, rows, hd), o (n, T, n_h*hd), r2 (n, hd, hd). A side whose quantizer is 16-bit adds nothing."""
     rf = r2.to(v.dtype)
     total = v.new_zeros(())
-    if kv.bits < 16:
-        y = v @ rf  # (n, rows, hd)
-        q = fake_quant_act(y, bits=kv.bits, sym=kv.sym, clip_ratio=kv.clip_ratio, range_grad=True)
-        total = total + (q - y).pow(2).sum(-1).mean(-1).sum()
-    if a.bits < 16:
+    if qrt.kv_bits < 16:
+        y = v @ rf  # (n, rows, hd): one row per token-head, as the KV quantizer groups them
+        total = total + (qrt.kv(y) - y).pow(2).sum(-1).mean(-1).sum()
+    if qrt.a_bits < 16:
         n, t, w = o.shape
         hd = r2.shape[-1]
         # (n, T, n_h*hd) -> (n, T*n_h, hd) @ R2 -> (n, T, n_h*hd): the same R2 on every head
         y = (o.reshape(n, t * (w // hd), hd) @ rf).reshape(n, t, w)
-        group = hd if a.o_proj_per_head else -1
-        q = fake_quant_act(y, bits=a.bits, sym=a.sym, clip_ratio=a.clip_ratio, group_size=group,
-                           half_range=a.half_range, range_grad=True)
-        total = total + (q - y).pow(2).sum(-1).mean(-1).sum()
+        total = total + (qrt.act(y, qrt.o_group) - y).pow(2).sum(-1).mean(-1).sum()
     return total
 
 
-def quant_error(x: Tensor, r: Tensor, cfg: SpinQuantConfig) -> Tensor:
-    """Mean over rows of ||Q(x R) - x R||^2 with the job's activation quantizer; differentiable in r."""
-    a = cfg.activations
+def quant_error(x: Tensor, r: Tensor, qrt: QuantRuntime) -> Tensor:
+    """Mean over rows of ||Q(x R) - x R||^2 with ``qrt``'s activation quantizer; differentiable in r."""
     y = x @ r.to(x.dtype)
-    q = fake_quant_act(y, bits=a.bits, sym=a.sym, clip_ratio=a.clip_ratio, half_range=a.half_range, range_grad=True)
-    return (q - y).pow(2).sum(-1).mean()
+    return (qrt.act(y) - y).pow(2).sum(-1).mean()
 
 
 def prefit_rotations(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1: Tensor, r2s: list[Tensor],
-                     rt: QuantRuntime | None, place: Placement | None = None, progress: ProgressFn = no_progress,
+                     rt: QuantRuntime | None, qrt: QuantRuntime, place: Placement | None = None,
+                     progress: ProgressFn = no_progress,
                      should_cancel: CancelFn = never_cancel) -> tuple[Tensor, list[Tensor], dict[str, Any]]:
     """``cfg.train.prefit_steps`` Riemannian Adam steps from ``r1``/``r2s``: R1 on :func:`quant_error`, every
     layer's R2 on :func:`head_quant_error` (one batched step for the stack; the layers do not interact). Returns the
     fitted rotations (float64, re-orthonormalised) and what the report records (the errors before and after,
-    seconds). Progress is reported as the learn stage with ``phase: prefit`` (its own step and error keys, so a
+    seconds). ``rt`` is the FP model's online transforms (the samples' forward), ``qrt`` the job's quantizers
+    (the errors). Progress is reported as the learn stage with ``phase: prefit`` (its own step and error keys, so a
     loss chart of the end-to-end steps is not mixed with it)."""
     tc = cfg.train
     t0 = time.perf_counter()
+    # The error's gradient reaches a rotation only through each row's range: the plain STE gives Q(y) - y a
+    # zero derivative, whatever train.ste says for the end-to-end steps.
+    qrt = replace(qrt, range_grad=True)
     progress("learn", 0.0, {"phase": "prefit", "prefit_step": 0, "prefit_steps": tc.prefit_steps})
     smp = collect_samples(model, blocks[: tc.prefit_blocks], rt, tc.micro_batch, cfg.seed, place)
     x, v, o = smp.x, smp.v, smp.o
@@ -154,15 +157,25 @@ def prefit_rotations(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1:
     r = r1.detach().to(device=dev, dtype=torch.float64).clone().requires_grad_(True)
     r2 = torch.stack([m.detach().to(device=dev, dtype=torch.float64) for m in r2s]).requires_grad_(True)
     with torch.no_grad():
-        start, start2 = float(quant_error(x[probe], r, cfg)), float(head_quant_error(*head_probe, r2, cfg))
+        start, start2 = float(quant_error(x[probe], r, qrt)), float(head_quant_error(*head_probe, r2, qrt))
     state = AdamState.like(r)
     state2 = AdamState.like(r2)  # one stack: each layer's moments are its own entries
     for step in range(tc.prefit_steps):
         check_cancel(should_cancel, f"R1 pre-fit step {step + 1}/{tc.prefit_steps}")
         rows = torch.randint(0, x.shape[0], (PREFIT_BATCH,), generator=gen).to(dev)
-        loss = quant_error(x[rows], r, cfg)
-        loss2 = head_quant_error(*heads(torch.randint(0, n_tok, (head_take,), generator=gen).to(dev)), r2, cfg)
-        (loss + loss2).backward()
+        vb, ob = heads(torch.randint(0, n_tok, (head_take,), generator=gen).to(dev))
+        # The same gradient as one backward of the whole batch, accumulated chunk by chunk: autograd then holds
+        # one chunk's copies of the rows (about 15 per quantized row), not the batch's (0.6 GB on SmolLM2).
+        loss = loss2 = 0.0
+        for part in rows.split(PREFIT_CHUNK_ROWS):
+            term = quant_error(x[part], r, qrt) * (part.numel() / rows.numel())
+            term.backward()
+            loss += float(term.detach())
+        for lo in range(0, vb.shape[0], PREFIT_CHUNK_LAYERS):
+            layers = slice(lo, lo + PREFIT_CHUNK_LAYERS)
+            term = head_quant_error(vb[layers], ob[layers], r2[layers], qrt)  # summed over layers
+            term.backward()
+            loss2 += float(term.detach())
         lr = cosine_lr(tc.prefit_lr, step, tc.prefit_steps)
         with torch.no_grad():
             assert r.grad is not None and r2.grad is not None
@@ -171,13 +184,12 @@ def prefit_rotations(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1:
             r.grad = r2.grad = None
         progress("learn", (step + 1) / tc.prefit_steps, {"phase": "prefit", "prefit_step": step + 1,
                                                          "prefit_steps": tc.prefit_steps,
-                                                         "prefit_error": float(loss.detach()),
-                                                         "prefit_head_error": float(loss2.detach())})
+                                                         "prefit_error": loss, "prefit_head_error": loss2})
     fitted = reorthonormalize(r.detach())
     fitted2 = list(reorthonormalize(r2.detach()).unbind())
     with torch.no_grad():
-        end = float(quant_error(x[probe], fitted, cfg))
-        end2 = float(head_quant_error(*head_probe, torch.stack(fitted2), cfg))
+        end = float(quant_error(x[probe], fitted, qrt))
+        end2 = float(head_quant_error(*head_probe, torch.stack(fitted2), qrt))
     return fitted, fitted2, {"prefit_steps": tc.prefit_steps, "prefit_error_start": start, "prefit_error_end": end,
                              "prefit_head_error_start": start2, "prefit_head_error_end": end2,
                              "prefit_rows": int(x.shape[0]), "prefit_seconds": time.perf_counter() - t0}

@@ -4,9 +4,12 @@ exactly what evaluation, learning and GPTQ hold (the API host imports plan witho
 from __future__ import annotations
 
 EVAL_BATCH_TOKENS = 8192  # tokens per evaluation forward (evaluate.perplexity)
-LOGIT_CHUNK_ELEMS = 1 << 24  # logits per vocabulary chunk, 64 MiB in float32 (losses)
+LOGIT_CHUNK_ELEMS = 1 << 23  # logits per vocabulary chunk, 32 MiB in float32 (losses)
+HEAD_LOSS_CHUNKS = 3  # float32 chunks the fused learning loss holds at its peak: log p, log q, q (losses)
 GPTQ_MICRO_BATCH = 8  # calibration windows per forward in GPTQ (convert.quantize_weights)
 PREFIT_TOKENS = 1024  # tokens sampled per layer and site for the R1 pre-fit (prefit)
 PREFIT_BATCH = 8192  # sampled rows per pre-fit step (prefit)
+PREFIT_CHUNK_ROWS = 2048  # of those, rows per backward (the gradient is accumulated; prefit)
+PREFIT_CHUNK_LAYERS = 8  # layers per backward of the R2 pre-fit error (prefit)
 PREFIT_HEAD_TOKENS = 256  # sampled tokens per layer and pre-fit step for the R2s (their V heads, o_proj input)
 ROW_CHUNK = 4096  # vocabulary rows per float64 step on the embedding and lm_head (rotation)

@@ -196,17 +196,20 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
     except BaseException as exc:
         code, message = classify(exc)
         store.delete_prefix(prefix)
-        # The row keeps where the job stopped (the last learning step and loss), which a throttled flush may not
-        # have written yet
-        times = {"stage_times": pub.stage_times, "step": pub.step, "loss": pub.loss} if pub is not None else {}
         if pub is not None:
+            # The row keeps where the job stopped (stage times, the last learning step and loss), which the
+            # throttled flush may not have written yet
             pub.finish_stage()
+            try:
+                pub.flush()
+            except Exception:  # the terminal status below matters more than the progress fields
+                log.exception("job %s: last progress write failed", job_id)
         if code == "cancelled":
-            _finish(sessions, redis, job_id, settings, CANCELLED, error_code=code, error_message=message, **times)
+            _finish(sessions, redis, job_id, settings, CANCELLED, error_code=code, error_message=message)
             return "cancelled"
         if code == "internal":
             log.exception("job %s failed", job_id)
-        _finish(sessions, redis, job_id, settings, FAILED, error_code=code, error_message=message, **times)
+        _finish(sessions, redis, job_id, settings, FAILED, error_code=code, error_message=message)
         if not isinstance(exc, Exception):  # KeyboardInterrupt/SystemExit: recorded, then let them through
             raise
         return f"failed: {code}"

@@ -54,7 +54,7 @@ def test_llama3_70b_needs_offload_and_fsdp_on_80gb() -> None:
     assert not learn.fits and learn.placement.startswith("offload: ")
     streamed_gib = float(learn.placement.split()[1])
     assert 0 < streamed_gib < 72 and streamed_gib < learn.device_bytes / 2**30 / 4
-    _, small = plan(_cfg("llama-3-70b"), make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4), gpu_gib=24)
+    _, small = plan(_cfg("llama-3-70b"), make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4), gpu_gib=12)
     small_learn = {s.stage: s for s in small}["learn"]
     assert small_learn.placement.startswith("FSDP over ") and small_learn.placement.endswith("(not implemented)")
     _, big = plan(_cfg("llama-3-70b"), make_config("spinquant"), gpu_gib=192)
@@ -68,7 +68,7 @@ def test_plan_cli_prints_the_table_and_json() -> None:
     out = subprocess.run(run + [str(CONFIGS / "llama-3-8b.json")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "8.03 B parameters" in out.stdout and "learn" in out.stdout and "one GPU" in out.stdout
-    js = subprocess.run(run + [str(CONFIGS / "llama-3-70b.json"), "--json", "--gpu-gib", "24"], cwd=ROOT,
+    js = subprocess.run(run + [str(CONFIGS / "llama-3-70b.json"), "--json", "--gpu-gib", "12"], cwd=ROOT,
                         capture_output=True, text=True)
     data = json.loads(js.stdout)
     assert data["params"] == 70_553_706_496 and any(s["placement"].startswith("FSDP") for s in data["stages"])
@@ -97,6 +97,6 @@ def test_refusal_names_the_stage_that_does_not_fit() -> None:
     cfg = make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4)
     assert refusal(_cfg("llama-3-8b"), cfg, 80 * GiB) is None
     assert refusal(_cfg("llama-3-70b"), cfg, 80 * GiB) is None  # layer-wise offload (test_placement.py)
-    why = refusal(_cfg("llama-3-70b"), cfg, 24 * GiB)
-    assert why is not None and "does not fit one 24 GiB GPU" in why and "learn" in why and "FSDP" in why
+    why = refusal(_cfg("llama-3-70b"), cfg, 12 * GiB)
+    assert why is not None and "does not fit one 12 GiB GPU" in why and "learn" in why and "FSDP" in why
     assert refusal(json.loads((MODELS / "llama-tiny" / "config.json").read_text()), cfg, 1 * GiB) is None

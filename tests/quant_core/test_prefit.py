@@ -8,6 +8,7 @@ from quant_core.cayley import AdamState, cayley_adam_step, orthogonality_error
 from quant_core.config import make_config
 from quant_core.hadamard import random_hadamard_matrix
 from quant_core.models import QuantRuntime, load_model, resolve_model
+from quant_core.pipeline import build_runtime, validate_environment
 from quant_core.prefit import collect_samples, head_quant_error, prefit_rotations, quant_error
 from quant_core.sizes import PREFIT_TOKENS
 from quant_core.rotation import fold_norms
@@ -55,11 +56,12 @@ def test_prefit_lowers_the_quantization_error_of_the_real_inputs() -> None:
     gen = torch.Generator().manual_seed(0)
     r1 = random_hadamard_matrix(model.arch.hidden, gen)
     r2s = [random_hadamard_matrix(model.arch.head_dim, gen) for _ in range(model.arch.n_layers)]
-    fitted, fitted2, info = prefit_rotations(model, cfg, blocks, r1, r2s, QuantRuntime())
+    qrt = build_runtime(cfg, model.arch, validate_environment(cfg, model.arch), a_bits=4, kv_bits=4, learning=True)
+    fitted, fitted2, info = prefit_rotations(model, cfg, blocks, r1, r2s, QuantRuntime(), qrt)
     assert float(orthogonality_error(fitted)) < 1e-10 and max(float(orthogonality_error(m)) for m in fitted2) < 1e-10
     assert info["prefit_error_end"] < 0.7 * info["prefit_error_start"], info
     assert info["prefit_head_error_end"] < info["prefit_head_error_start"], info
     smp = collect_samples(model, blocks, QuantRuntime(), 4, 0)
-    assert float(quant_error(smp.x, fitted, cfg)) < float(quant_error(smp.x, r1, cfg))  # every sample, not the probe
-    assert float(head_quant_error(smp.v, smp.o, torch.stack(fitted2), cfg)) < float(
-        head_quant_error(smp.v, smp.o, torch.stack(r2s), cfg))
+    assert float(quant_error(smp.x, fitted, qrt)) < float(quant_error(smp.x, r1, qrt))  # every sample, not the probe
+    assert float(head_quant_error(smp.v, smp.o, torch.stack(fitted2), qrt)) < float(
+        head_quant_error(smp.v, smp.o, torch.stack(r2s), qrt))
