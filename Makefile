@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis real-model test test-fast demo serve bench-accuracy bench-real bench-service check-deploy fixtures clean
+.PHONY: setup redis real-model lint test test-fast demo serve bench-accuracy bench-real bench-service check-deploy fixtures clean
 
 setup: $(STAMP) redis
 
@@ -28,7 +28,12 @@ $(STAMP): pyproject.toml
 real-model: setup
 	$(PY) -m tests.fixtures.smollm2
 
-test: setup real-model
+# ruff and mypy (settings in pyproject.toml: mypy's strict checks on quant_core), before the suite.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: setup real-model lint
 	$(PY) -m pytest
 
 test-fast: setup

@@ -30,14 +30,16 @@ retried submission can never create a second job.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 
@@ -228,7 +230,7 @@ class Client:
                             headers={"Content-Type": "text/plain; charset=utf-8"}).json()
 
     def submit(self, model: str, *, method: str = "spinquant", settings: dict[str, Any] | None = None,
-               calib: dict[str, str] | None = None, eval: dict[str, str] | None = None,  # noqa: A002
+               calib: dict[str, str] | None = None, eval: dict[str, str] | None = None,
                formats: list[str] | None = None, force: bool = False, revision: str | None = None,
                idempotency_key: str | None = None) -> dict[str, Any]:
         """POST /v1/jobs -> {id, status, links, cache_hit, reused_from, idempotent_replay}.
@@ -252,7 +254,7 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
-    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+    def artifacts(self, job_id: str) -> builtins.list[dict[str, Any]]:
         return self.request("GET", f"/v1/jobs/{job_id}/artifacts").json()
 
     def events(self, job_id: str, *, last_event_id: str | None = None, deadline: float | None = None) -> Iterator[Event]:
@@ -356,7 +358,7 @@ class Client:
         return digest
 
     def download(self, job_id: str, dest: Path | str, *, job: dict[str, Any] | None = None,
-                 on_file: Callable[[str, int], None] | None = None) -> list[Path]:
+                 on_file: Callable[[str, int], None] | None = None) -> builtins.list[Path]:
         """Download every artifact of a finished job under ``dest`` (names keep their folders) and verify
         each sha256 against the API and against SHA256SUMS. Raises ChecksumMismatch listing every problem."""
         root = Path(dest)

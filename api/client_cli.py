@@ -10,12 +10,21 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from .client import (
-    DEFAULT_URL, EXIT_BAD_REQUEST, EXIT_FOR_STATUS, EXIT_OK, ChecksumMismatch, Client, ClientError, Event,
-    RequestRefused, WaitTimeout,
+    DEFAULT_URL,
+    EXIT_BAD_REQUEST,
+    EXIT_FOR_STATUS,
+    EXIT_OK,
+    ChecksumMismatch,
+    Client,
+    ClientError,
+    Event,
+    RequestRefused,
+    WaitTimeout,
 )
 
 EXIT_CODES = """exit codes:
@@ -53,7 +62,7 @@ def _info(msg: str) -> None:
 def _fmt_eta(s: float | None) -> str:
     if s is None:
         return "?"
-    s = int(round(s))
+    s = round(s)
     return f"{s}s" if s < 90 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 

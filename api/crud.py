@@ -11,9 +11,9 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -94,8 +94,8 @@ def resolve_model_ref(*, model: str, revision: str | None, settings: Settings) -
         files = sorted(p for p in path.rglob("*") if p.is_file())
         stamp = hashlib.sha256("".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
                                        for p in files).encode()).hexdigest()
-        weight_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
-        return ModelRef(model=model, pin=stamp, weight_bytes=weight_bytes)
+        local_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+        return ModelRef(model=model, pin=stamp, weight_bytes=local_bytes)
     if not HUB_ID.match(model):
         raise RequestError(422, ["body", "model"], f"model {model!r} is not valid; accepted: a Hugging Face id "
                            "like 'meta-llama/Llama-3.2-1B' or 'local:<name>' from the server's models directory")
@@ -131,9 +131,11 @@ def build_config(*, job_in: JobCreate, db: Session, owner: Token) -> SpinQuantCo
     try:
         return make_config(job_in.method, **flat, calib_source=calib, eval_source=evals, settings=dotted)
     except ConfigError as exc:
+        msg = str(exc)
+
         def named(key: str) -> bool:  # the message names the setting by its flat or dotted name
             targets = ALIASES.get(key, ())
-            return key in str(exc) or any(t in str(exc) for t in (targets if isinstance(targets, tuple) else (targets,)))
+            return key in msg or any(t in msg for t in (targets if isinstance(targets, tuple) else (targets,)))
 
         bad = next((k for k in job_in.settings if named(k)), None)
         loc: list[str | int] = ["body", "method"] if "method" in str(exc) and bad is None else ["body", "settings"]
@@ -248,7 +250,7 @@ def request_cancel(*, db: Session, job: Job, sender: Any, redis: Any, settings: 
             status=CANCELLED, finished_at=now, cancel_requested=True, error_code="cancelled",
             error_message="cancelled before it started"))
         db.commit()
-        if res.rowcount == 1:
+        if cast(CursorResult[Any], res).rowcount == 1:
             sender.control.revoke(job.id)  # never terminate=True (QUEUE.md §4)
             live.publish_end(redis, job.id, {"status": CANCELLED}, settings.events_ttl_s)
             db.refresh(job)

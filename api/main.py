@@ -5,8 +5,9 @@ Run: ``python -m api serve`` or ``uvicorn api.main:app``. Settings come from SPI
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis

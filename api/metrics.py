@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -53,5 +54,5 @@ class _JobCollector:
 
 def render(sessions: sessionmaker, redis: Any) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_JobCollector(sessions, redis))  # type: ignore[arg-type]
+    registry.register(_JobCollector(sessions, redis))
     return generate_latest(registry)

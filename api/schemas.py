@@ -54,7 +54,8 @@ class JobCreate(BaseModel):
         "calib_samples, ...) or dotted paths (weights.gptq.damp); validated by quant_core's config"))
     calib: DataRef | None = Field(default=None, description="calibration text; default: the preset's (wikitext2)")
     eval: DataRef | None = Field(default=None, description="evaluation text; default: wikitext2 test split")
-    formats: list[Literal["ct", "gptq"]] = Field(default_factory=lambda: ["ct"], min_length=1, max_length=2,
+    formats: list[Literal["ct", "gptq"]] = Field(default_factory=lambda: ["ct"],  # type: ignore[arg-type]
+                                                 min_length=1, max_length=2,
                                                  description="ct: compressed-tensors (vLLM); gptq: GPTQ v1 (W4A16 only)")
     force: bool = Field(default=False, description="rebuild even when an identical finished job exists")
 

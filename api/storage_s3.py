@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
 
 from .storage import CHUNK, StoredFile, StoreError, check_range, sha256_of

@@ -97,6 +97,7 @@ def main() -> int:
     print(f"\nspinquant W4A4KV4 seed 0 with SpinQuant's plain STE (train.ste=identity): {plain['ppl']:.3f} "
           f"({plain['ppl'] / fp:.3f}x)", flush=True)
 
+    assert fp is not None
     gap = lambda m, s: out[m][s]["ppl"] / fp - 1  # noqa: E731
     checks = {
         "no_rotation_w4a4_at_least_10x_fp": min(out["rtn"]["W4A4KV16"]["ppl"], out["gptq"]["W4A4KV16"]["ppl"]) >= 10 * fp,

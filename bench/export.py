@@ -79,6 +79,7 @@ def main() -> int:
         t0 = time.perf_counter()
         model, _, _ = load(out, device=args.device)
         t_load = time.perf_counter() - t0
+        assert res.eval_windows is not None
         ppl = perplexity(model, res.eval_windows)
         ratios = size_ratios(out / "model")
         row = {"setting": f"{method} {cfg.scheme} g{g}", "quant_ppl": res.report["quant_ppl"], "reloaded_ppl": ppl,

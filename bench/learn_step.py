@@ -72,6 +72,7 @@ def ours(model_dir: Path, dtype: torch.dtype, batch: int, micro: int, seq: int, 
         t0 = time.perf_counter()
         with torch.no_grad():
             for r in rots:
+                assert r.grad is not None
                 r.copy_(cayley_step(r, r.grad, 0.0))  # the update's cost; lr 0 keeps every step the same
                 r.grad = None
         t["update"] = time.perf_counter() - t0

@@ -56,12 +56,12 @@ class _Absent(types.ModuleType):
         super().__init__(name)
         self.__file__ = f"/nonexistent/{name.replace('.', '/')}.py"
 
-    def __getattr__(self, name: str) -> "_Absent":
+    def __getattr__(self, name: str) -> _Absent:
         if name.startswith("__"):
             raise AttributeError(name)
         return _Absent(f"{self.__name__}.{name}")
 
-    def __call__(self, *args: object, **kwargs: object) -> "_Absent":
+    def __call__(self, *args: object, **kwargs: object) -> _Absent:
         return self
 
 
@@ -80,7 +80,12 @@ def quantize_main(args: argparse.Namespace) -> int:
     import tempfile
 
     from quant_core.calibration import (
-        calibration_windows, encode, eval_windows, load_text, load_tokenizer, with_bos,
+        calibration_windows,
+        encode,
+        eval_windows,
+        load_text,
+        load_tokenizer,
+        with_bos,
     )
     from quant_core.evaluate import logits_nll
 

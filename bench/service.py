@@ -41,7 +41,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_jobs(c: httpx.Client, n: int) -> list[dict[str, Any]]:
-    calib = c.post("/v1/texts", params={"name": "train"}, content=(FIXTURE_TEXT / "train.txt").read_bytes()[:200_000]).json()["id"]
+    train = (FIXTURE_TEXT / "train.txt").read_bytes()[:200_000]
+    calib = c.post("/v1/texts", params={"name": "train"}, content=train).json()["id"]
     evals = c.post("/v1/texts", params={"name": "test"}, content=(FIXTURE_TEXT / "test.txt").read_bytes()).json()["id"]
     rows = []
     for i in range(n):

@@ -163,8 +163,10 @@ class _Bar:
             if self.tty:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=1000, desc=f"{stage:<12}", leave=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
-        post = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items() if k in ("step", "loss", "layer", "windows")}
+                self.bar = tqdm(total=1000, desc=f"{stage:<12}", leave=True,
+                                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+        post = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()
+                if k in ("step", "loss", "layer", "windows")}
         if self.bar is not None:
             self.bar.n = int(fraction * 1000)
             self.bar.set_postfix(post, refresh=True)
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CANCELLED
     except Exception as exc:  # classify: bad input is the user's to fix, the rest is ours
         from .calibration import DataError
-        from .export import ExportError
+        from .formats import ExportError
         from .models import ModelError
         from .progress import Cancelled
         from .runtime import CheckpointError

@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import json
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 CONFIG_VERSION = 1
 
@@ -61,7 +61,7 @@ def _choice(enum_type: type[enum.Enum], value: Any, name: str) -> Any:
     try:
         return enum_type(value)
     except ValueError:
-        accepted = ", ".join(repr(m.value) for m in enum_type)  # type: ignore[attr-defined]
+        accepted = ", ".join(repr(m.value) for m in enum_type)
         raise ConfigError(f"{name}={value!r} is not valid; accepted: {accepted}") from None
 
 
@@ -519,7 +519,7 @@ def with_overrides(cfg: SpinQuantConfig, **changes: Any) -> SpinQuantConfig:
     return replace(cfg, **changes)
 
 
-def vllm_serving_verdict(cfg: SpinQuantConfig, head_dim: int | None = None) -> bool | list[str]:
+def vllm_serving_verdict(cfg: SpinQuantConfig, head_dim: int | None = None) -> Literal[True] | list[str]:
     """True when vLLM serves exactly what this config evaluates; otherwise the reasons it does not."""
     reasons: list[str] = []
     if cfg.weights.bits not in (4, 8, 16):
@@ -543,4 +543,4 @@ def vllm_serving_verdict(cfg: SpinQuantConfig, head_dim: int | None = None) -> b
             reasons.append("asymmetric KV cache (vLLM int4_per_token_head is symmetric)")
         if cfg.kv.clip_ratio != 1.0:
             reasons.append(f"KV clip ratio {cfg.kv.clip_ratio}")
-    return True if not reasons else reasons
+    return reasons or True

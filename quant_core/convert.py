@@ -147,7 +147,7 @@ def _gptq_layer(model: DecoderLM, i: int, h: Tensor, cfg: SpinQuantConfig, rt: Q
     loss: dict[str, Any] = {}
 
     def quantize(names: tuple[str, ...], acc: HessianAccumulator) -> None:
-        for name, res in zip(names, _quantize_shared(linears, names, cfg, acc.hessian, place.offload)):
+        for name, res in zip(names, _quantize_shared(linears, names, cfg, acc.hessian, place.offload), strict=True):
             results[layer_prefix(name, i)] = res
             loss[name] = res.loss
 
@@ -171,7 +171,7 @@ def _gptq_layer(model: DecoderLM, i: int, h: Tensor, cfg: SpinQuantConfig, rt: Q
     quantize(o, acc)
 
     acc = HessianAccumulator(linears["up_proj"].in_features, dev)
-    for p, m in zip(parts, mixed):
+    for p, m in zip(parts, mixed, strict=True):
         h[p] = h[p] + attn.o_proj(m)  # the residual after attention, in place of the layer input
         acc.add_batch(mlp_in(p).float())
     del mixed

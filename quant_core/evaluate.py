@@ -73,7 +73,7 @@ def perplexity(
         batches = [windows[s : s + batch] for s in range(0, windows.shape[0], batch)]
         hidden = offloaded_hidden(model, batches, placement, progress=progress, should_cancel=should_cancel,
                                   stage=stage)
-        for ids, h in zip(batches, hidden):  # lm_head is on the compute device while each batch is scored
+        for ids, h in zip(batches, hidden, strict=True):  # lm_head is on the compute device while each batch is scored
             nll, n = hidden_nll(model, h, ids.to(h.device))
             total, count = total + nll, count + n
         progress(stage, 1.0, {"windows": windows.shape[0], "of": windows.shape[0]})

@@ -116,9 +116,10 @@ def serve_markdown(cfg: SpinQuantConfig, transform: bool, folder: str) -> str:
         "| runtime | weights | activations | R4 (down_proj) | R3 (Q/K) | KV cache |",
         "|---|---|---|---|---|---|",
         f"| quant_core (`python -m quant_core eval {folder}/..`) | int4 | "
-        f"{'int%d per token' % a if a < 16 else '16-bit'} | {'yes' if cfg.r4_mode[0] != 'none' else 'none'} | "
-        f"{'yes' if cfg.r3_on else 'off'} | {'int%d' % kv if kv < 16 else '16-bit'} |",
-        f"| vLLM | int4 (Marlin/Machete) | {'int4/int8 symmetric per token (recent vLLM + humming-kernels)' if a < 16 else '16-bit'} | "
+        f"{f'int{a} per token' if a < 16 else '16-bit'} | {'yes' if cfg.r4_mode[0] != 'none' else 'none'} | "
+        f"{'yes' if cfg.r3_on else 'off'} | {f'int{kv}' if kv < 16 else '16-bit'} |",
+        "| vLLM | int4 (Marlin/Machete) | "
+        f"{'int4/int8 symmetric per token (recent vLLM + humming-kernels)' if a < 16 else '16-bit'} | "
         f"{'block Hadamard only, TP=1' if transform else 'none'} | not applied | "
         f"{'--kv-cache-dtype int4_per_token_head (no R3)' if kv == 4 else '16-bit' if kv == 16 else 'fp8/int8 flag'} |",
         "",

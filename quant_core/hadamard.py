@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -142,7 +144,7 @@ def _williamson(w: int) -> torch.Tensor:
     return torch.cat([torch.cat(r, dim=1) for r in array], dim=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hadamard_k_cached(k: int) -> torch.Tensor:
     if _is_pow2(k):
         H = sylvester(k)
@@ -238,11 +240,11 @@ def _fwht_raw(x: torch.Tensor) -> torch.Tensor:
 class _FWHTFn(torch.autograd.Function):
     # H_n is symmetric, so the backward of y = x·H_n is grad_y·H_n: the same transform.
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         return _fwht_raw(x)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: Any, grad_y: torch.Tensor) -> torch.Tensor:
         return _FWHTFn.apply(grad_y)
 
 
@@ -268,7 +270,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _cuda_wht_kernel():
+def _cuda_wht_kernel() -> Callable[..., torch.Tensor] | None:
     """Dao-AILab `hadamard_transform(x, scale)` if installed; imported lazily so that
     importing quant_core never touches CUDA."""
     try:
@@ -331,12 +333,12 @@ class _KronWHTFn(torch.autograd.Function):
     """Orthogonal transform with backward = the transposed transform (grad_x = grad_y · M)."""
 
     @staticmethod
-    def forward(ctx, x, k, seed, scale, transpose):
+    def forward(ctx: Any, x: torch.Tensor, k: int, seed: int, scale: float, transpose: bool) -> torch.Tensor:
         ctx.args = (k, seed, scale, transpose)
         return _kron_wht(x, k, seed, scale, transpose)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         k, seed, scale, transpose = ctx.args
         return _KronWHTFn.apply(grad_y, k, seed, scale, not transpose), None, None, None, None
 
@@ -542,7 +544,9 @@ def apply_plan(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> 
     if plan.mode == "full":
         return had_transform(x, plan.k, transpose)
     if plan.mode == "block":
+        assert plan.block is not None, plan
         return block_hadamard_transform(x, plan.block)
+    assert plan.k is not None, plan  # an orthogonal plan always has its factor
     # Orthogonal factor is already normalised; only the WHT part needs 1/√(n/K).
     scale = 1.0 / math.sqrt(plan.n // plan.k)
     return _KronWHTFn.apply(x, plan.k, plan.seed, scale, transpose)

@@ -97,9 +97,9 @@ def head_loss(hidden: Tensor, weight: Tensor, *, targets: Tensor | None = None, 
         raise ValueError("head_loss needs exactly one of targets (cross-entropy) or teacher (KL)")
     if teacher is not None:
         assert teacher.shape == hidden.shape, (tuple(teacher.shape), tuple(hidden.shape))
-        return _FusedHeadLoss.apply(hidden, weight, teacher.detach(), "kl")  # type: ignore[no-any-return]
+        return _FusedHeadLoss.apply(hidden, weight, teacher.detach(), "kl")
     assert targets is not None and targets.shape == hidden.shape[:1]
-    return _FusedHeadLoss.apply(hidden, weight, targets, "ce")  # type: ignore[no-any-return]
+    return _FusedHeadLoss.apply(hidden, weight, targets, "ce")
 
 
 __all__ = ["chunk_rows", "head_loss", "nll_sum"]

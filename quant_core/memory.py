@@ -3,7 +3,8 @@
 - CUDA: ``torch.cuda.max_memory_allocated``, reset at each stage's start: the bytes of live tensors, which
   is what the plan counts.
 - CPU: the process's resident-set high-water mark (``VmHWM``), reset at each stage's start by writing 5 to
-  ``/proc/self/clear_refs`` (Linux), after the allocator has returned the pages the previous stage freed. It includes the interpreter, torch's own libraries and allocator slack,
+  ``/proc/self/clear_refs`` (Linux), after the allocator has returned the pages the previous stage freed. It
+  includes the interpreter, torch's own libraries and allocator slack,
   so the report also gives the resident set before the model was loaded (``baseline``): the stage's tensors
   are about ``peak - baseline``. Where the reset is not possible (not Linux), each figure is the running
   peak and says so (``resettable: false``).

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -290,11 +291,22 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h), rt)
 
 
+class LayerStack(nn.ModuleList):
+    """The decoder layers: an nn.ModuleList (the same state-dict names) whose items a type checker knows are
+    DecoderLayers (a plain ModuleList's are bare Modules)."""
+
+    def __getitem__(self, idx: int) -> DecoderLayer:  # type: ignore[override]
+        return cast(DecoderLayer, super().__getitem__(idx))
+
+    def __iter__(self) -> Iterator[DecoderLayer]:
+        return cast(Iterator[DecoderLayer], super().__iter__())
+
+
 class Backbone(nn.Module):
     def __init__(self, arch: ArchSpec) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden)
-        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.n_layers))
+        self.layers = LayerStack(DecoderLayer(arch) for _ in range(arch.n_layers))
         self.norm = RMSNorm(arch.hidden, arch.rms_eps)
 
 
@@ -305,6 +317,8 @@ class DecoderLM(nn.Module):
     ``forward(ids, r1=R)`` runs the unmerged learning form: the embedding output is rotated by R1
     and the final hidden state by R1^T before an unrotated lm_head (identical to merging R1).
     """
+
+    inv_freq: Tensor  # a buffer (register_buffer), (hd/2,)
 
     def __init__(self, arch: ArchSpec) -> None:
         super().__init__()

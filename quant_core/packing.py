@@ -33,14 +33,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "pack_int4_rows",
-    "unpack_int4_rows",
-    "pack_int4_zero_points",
-    "unpack_int4_zero_points",
-    "pack_gptq_qweight",
-    "unpack_gptq_qweight",
     "gptq_qzeros",
+    "pack_gptq_qweight",
+    "pack_int4_rows",
+    "pack_int4_zero_points",
+    "unpack_gptq_qweight",
     "unpack_gptq_qzeros",
+    "unpack_int4_rows",
+    "unpack_int4_zero_points",
 ]
 
 _NIBBLES = 8  # int4 values per int32 word

@@ -22,7 +22,13 @@ from torch import Tensor
 
 from . import __version__
 from .calibration import (
-    calibration_windows, encode, eval_windows, load_text, load_tokenizer, train_blocks, with_bos,
+    calibration_windows,
+    encode,
+    eval_windows,
+    load_text,
+    load_tokenizer,
+    train_blocks,
+    with_bos,
 )
 from .config import ConfigError, SpinQuantConfig, config_to_dict, vllm_serving_verdict
 from .convert import quantize_weights
@@ -32,12 +38,19 @@ from .gptq import GPTQResult
 from .hadamard import HadamardPlan, largest_pow2_block, plan_hadamard, random_hadamard_matrix
 from .learn import train_rotations
 from .memory import StageMeter
-from .prefit import prefit_rotations
 from .models import (
-    ArchSpec, DecoderLM, ModelError, QuantRuntime, arch_from_config, load_model, resolve_model, weight_files,
+    ArchSpec,
+    DecoderLM,
+    ModelError,
+    QuantRuntime,
+    arch_from_config,
+    load_model,
+    resolve_model,
+    weight_files,
 )
 from .placement import Placement, offloaded_hidden, pick_device
 from .plan import decide as placement_decision
+from .prefit import prefit_rotations
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 from .rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
 
@@ -334,4 +347,4 @@ def quantize_model(
                           qweights=qweights, runtime=runtime, eval_windows=windows)
 
 
-__all__ = ["QuantizeResult", "quantize_model", "validate_environment", "ModelError", "ConfigError"]
+__all__ = ["ConfigError", "ModelError", "QuantizeResult", "quantize_model", "validate_environment"]

@@ -18,12 +18,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
 from .progress import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
+
+if TYPE_CHECKING:  # models imports nothing of this module; the import is for the checker only
+    from .models import DecoderLM
 
 
 def pick_device(device: str) -> str:
@@ -65,7 +69,7 @@ def visiting(module: nn.Module, place: Placement) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def offloaded_hidden(
-    model: nn.Module,
+    model: DecoderLM,
     batches: Sequence[Tensor],
     place: Placement,
     *,

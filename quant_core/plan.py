@@ -29,8 +29,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import SpinQuantConfig
-from .sizes import (EVAL_BATCH_TOKENS, GPTQ_MICRO_BATCH, HEAD_LOSS_CHUNKS, LOGIT_CHUNK_ELEMS, PREFIT_CHUNK_LAYERS,
-                    PREFIT_CHUNK_ROWS, PREFIT_HEAD_TOKENS, PREFIT_TOKENS)
+from .sizes import (
+    EVAL_BATCH_TOKENS,
+    GPTQ_MICRO_BATCH,
+    HEAD_LOSS_CHUNKS,
+    LOGIT_CHUNK_ELEMS,
+    PREFIT_CHUNK_LAYERS,
+    PREFIT_CHUNK_ROWS,
+    PREFIT_HEAD_TOKENS,
+    PREFIT_TOKENS,
+)
 
 GiB = 1 << 30
 HEADROOM = 0.9  # usable share of device memory (CUDA context, allocator fragmentation)
@@ -193,7 +201,8 @@ def _placement(stage: str, need: int, usable: int, s: Shape, terms: dict[str, in
         # in backward).
         streamed = need - terms["weights (frozen)"] + s.layer_params * wb + s.vocab * s.hidden * wb
         if streamed <= usable:
-            return False, f"offload: {streamed / GiB:.1f} GiB on GPU, weights in host RAM (each layer streamed twice per micro-batch)"
+            return False, (f"offload: {streamed / GiB:.1f} GiB on GPU, weights in host RAM "
+                           "(each layer streamed twice per micro-batch)")
         # FSDP would shard the frozen weights (and the float64 layer copies) across k GPUs; activations stay per GPU.
         sharded = terms["weights (frozen)"] + terms.get("one layer's weights rotated on the fly and their gradient", 0)
         rest = need - sharded

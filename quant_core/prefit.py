@@ -86,10 +86,10 @@ def collect_samples(model: DecoderLM, blocks: Tensor, rt: QuantRuntime | None, m
                 h = h + at.o_proj(a)
                 x2 = layer.post_attention_layernorm(h)
                 hs[k] = h + layer.mlp(x2, rt)
-                for site, t in zip(sites, (x1, x2, at.v_proj(x1), a)):
+                for site, t in zip(sites, (x1, x2, at.v_proj(x1), a), strict=True):
                     site.append(t.reshape(-1, t.shape[-1]))  # (m, L, w) -> (m*L, w)
             picks = [torch.randperm(tokens, generator=gen)[:take].to(dev) for _ in range(3)]
-            for j, (site, pick) in enumerate(zip(sites[:2], picks)):
+            for j, (site, pick) in enumerate(zip(sites[:2], picks, strict=False)):
                 at_rows = slice((2 * li + j) * take, (2 * li + j + 1) * take)
                 x[at_rows] = _unit(torch.cat(site)[pick].float())
             # (T, n_kv*hd) -> (T*n_kv, hd): one row per token-head

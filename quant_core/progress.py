@@ -6,7 +6,8 @@ progress bar, the worker into Redis/DB updates.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 
 class ProgressFn(Protocol):

@@ -389,7 +389,7 @@ def fake_quant_act(
     qmin, qmax = _int_range(bits, sym=sym)
     if not x.requires_grad:
         return _act_grid(x, g, sym, clip_ratio, qmin, qmax, half_range)[0]
-    return _ActSTE.apply(x, g, sym, clip_ratio, qmin, qmax, half_range, range_grad)  # type: ignore[no-any-return]
+    return _ActSTE.apply(x, g, sym, clip_ratio, qmin, qmax, half_range, range_grad)
 
 
 def _act_grid(x: Tensor, g: int, sym: bool, clip: float, qmin: int, qmax: int, half_range: bool,
@@ -460,7 +460,7 @@ class _ActSTE(torch.autograd.Function):
         dxhat_ds, *flat = ctx.saved_tensors
         gg = grad.float().reshape(dxhat_ds.shape).clone()  # (..., d) -> (..., d // g, g)
         dl_ds = (grad.float().reshape(dxhat_ds.shape) * dxhat_ds).sum(-1, keepdim=True)  # (..., d // g, 1)
-        for k, ds_dx in zip(flat[0::2], flat[1::2]):
+        for k, ds_dx in zip(flat[0::2], flat[1::2], strict=True):
             gg.scatter_add_(-1, k, dl_ds * ds_dx)
         return gg.reshape(grad.shape).to(grad.dtype), *none
 

@@ -144,7 +144,7 @@ def merge_rotations(model: DecoderLM, r1: Tensor, r2s: list[Tensor] | None) -> N
     arch = model.arch
     r1 = r1.double().to(model.lm_head.weight.device)
     _map_rows(model.model.embed_tokens.weight, lambda e: e @ r1)
-    for i, layer in enumerate(model.model.layers):
+    for i in range(len(model.model.layers)):
         t = {k: (None if v is None else v.double()) for k, v in layer_tensors(model, i).items()}
         r2 = None if r2s is None else r2s[i].double().to(r1.device)
         rotated = rotate_layer(t, arch, r1, r2)

@@ -156,6 +156,7 @@ def _swap_in_int4_kernels(model: DecoderLM, codes: dict[str, tuple[torch.Tensor,
     kernels: dict[str, Int4Linear] = {}
     for prefix, (q, scale) in codes.items():
         old = model.get_submodule(prefix)
+        assert isinstance(old, torch.nn.Linear), prefix
         lin = Int4Linear(q, scale, group, old.bias, device)
         err = kernel_error(lin, old.weight)
         if not err <= KERNEL_TOLERANCE:  # also catches NaN

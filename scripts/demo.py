@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from api.client import ChecksumMismatch, Client, ClientError

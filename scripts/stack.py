@@ -76,7 +76,7 @@ class Stack:
         self.env.update(extra_env or {})
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "ab")
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps writing to it)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs[name] = proc

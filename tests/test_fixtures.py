@@ -51,7 +51,8 @@ def test_tokens() -> torch.Tensor:
 def test_trained_fixture_layout(name: str) -> None:
     folder = MODELS / name
     files = sorted(p.name for p in folder.iterdir())
-    for required in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "FIXTURE.md"):
+    for required in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "FIXTURE.md"):
         assert required in files, (name, files)
     assert not [f for f in files if f.endswith(WEIGHT_SUFFIXES)], files  # safetensors only
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 10 * 2**20
@@ -98,8 +99,8 @@ def test_heldout_perplexity(name: str, test_tokens: torch.Tensor) -> None:
 
 
 def test_train_and_test_text_share_no_long_line() -> None:
-    train = {l for l in (TEXT / "train.txt").read_text(encoding="utf-8").splitlines() if len(l) > 80}
-    test = {l for l in (TEXT / "test.txt").read_text(encoding="utf-8").splitlines() if len(l) > 80}
+    train = {line for line in (TEXT / "train.txt").read_text(encoding="utf-8").splitlines() if len(line) > 80}
+    test = {line for line in (TEXT / "test.txt").read_text(encoding="utf-8").splitlines() if len(line) > 80}
     assert len(train) > 5000 and len(test) > 300
     assert not train & test
 

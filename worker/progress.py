@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
@@ -64,7 +65,7 @@ class Publisher:
         self.overall = 0.0
         self.stage_times: dict[str, dict[str, float]] = {}
         self.last_db = 0.0
-        self.last_event = (None, -1.0, 0.0)  # (stage, fraction, time) of the last progress event
+        self.last_event: tuple[str | None, float, float] = (None, -1.0, 0.0)  # (stage, fraction, time) of the last progress event
         self.step: int | None = None
         self.loss: float | None = None
         self.eta: float | None = None
@@ -86,7 +87,7 @@ class Publisher:
         state = {"stage": stage, "stage_fraction": fraction, "progress": self.overall, "eta_s": self.eta,
                  "step": self.step, "loss": self.loss, "updated_at": now}
         self.redis.hset(live.state_key(self.job_id), mapping={k: json.dumps(v) for k, v in state.items()})
-        last_stage, last_frac, last_t = self.last_event
+        _, last_frac, last_t = self.last_event
         if (changed or stage == "learn" or fraction >= 1.0 or fraction - last_frac >= 0.01
                 or now - last_t >= 1.0):
             live.publish_event(self.redis, self.job_id, "progress", {

@@ -25,8 +25,19 @@ from sqlalchemy import update
 
 from api import live
 from api.crud import RequestError, resolve_local, text_key
-from api.db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Artifact, Job, make_engine, \
-    make_sessionmaker, utcnow
+from api.db import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Artifact,
+    Job,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
 from api.queue import QUANTIZE_TASK
 from api.storage import ArtifactStore, make_store
 
@@ -98,7 +109,7 @@ def _finish(sessions: Any, redis: Redis, job_id: str, settings: WorkerSettings, 
         db.commit()
     event = {"status": status}
     if "error_code" in values:
-        event.update(code=values["error_code"], message=values.get("error_message"))
+        event.update(code=values["error_code"], message=values.get("error_message") or "")
     live.publish_end(redis, job_id, event, settings.events_ttl_s)
 
 

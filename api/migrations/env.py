@@ -1,14 +1,19 @@
 """Alembic environment: runs migrations against the URL set by api.db.migrate (or alembic -x url=...)."""
 
+from typing import Any, Literal
+
 from alembic import context
 
 from api.db import Base, UTCDateTime, make_engine
 
 config = context.config
-url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
+_url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
+if not _url:
+    raise SystemExit("alembic: no database URL (pass -x url=... or set sqlalchemy.url)")
+url: str = _url
 
 
-def render_item(kind: str, obj: object, autogen_context: object) -> str | bool:
+def render_item(kind: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
     """Autogenerate writes UTCDateTime (Python-side UTC handling) as the plain column type it stores."""
     if kind == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"

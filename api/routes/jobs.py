@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, cast
 from urllib.parse import quote
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
@@ -14,12 +14,22 @@ from ..db import TERMINAL, Job
 from ..deps import DbDep, OwnerDep, ServicesDep, get_owner
 from ..events import EVENT_ID, job_events
 from ..schemas import (
-    ArtifactPublic, ErrorInfo, JobAccepted, JobCreate, JobList, JobPublic, JobSummary, Links, Problem, Status,
+    ArtifactPublic,
+    ErrorInfo,
+    JobAccepted,
+    JobCreate,
+    JobList,
+    JobPublic,
+    JobSummary,
+    Links,
+    Problem,
+    StageTiming,
+    Status,
 )
 from ..storage import ArtifactStore, StoreError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-NOT_FOUND = {404: {"model": Problem, "description": "no such job for this token"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such job for this token"}}
 
 
 def links(job_id: str) -> Links:
@@ -31,16 +41,17 @@ def _error(job: Job) -> ErrorInfo | None:
     return ErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
 
 
-def to_public(job: Job, live_state: dict | None = None) -> JobPublic:
+def to_public(job: Job, live_state: dict[str, Any] | None = None) -> JobPublic:
     s = live_state if (live_state and job.status not in TERMINAL) else {}
     return JobPublic(
-        id=job.id, status=job.status, stage=s.get("stage", job.stage),
+        id=job.id, status=cast(Status, job.status), stage=s.get("stage", job.stage),
         progress=float(min(max(s.get("progress", job.progress) or 0.0, 0.0), 1.0)),
         eta_s=s.get("eta_s", job.eta_s), step=s.get("step", job.step), loss=s.get("loss", job.loss),
         model=job.model, revision=job.revision, method=job.method, scheme=job.scheme, settings=job.config,
         formats=job.formats, cancel_requested=job.cancel_requested, attempts=job.attempts,
         reused_from=job.reused_from, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at, timings=crud.stage_timings(job), report=job.report, error=_error(job),
+        finished_at=job.finished_at,
+        timings={k: StageTiming(**v) for k, v in crud.stage_timings(job).items()}, report=job.report, error=_error(job),
         artifacts=[ArtifactPublic(name=a.name, bytes=a.bytes, sha256=a.sha256,
                                   url=f"/v1/jobs/{job.id}/artifacts/{a.name}") for a in job.artifacts],
         links=links(job.id))
@@ -64,7 +75,7 @@ def submit_job(job_in: JobCreate, db: DbDep, owner: OwnerDep, services: Services
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if created.replay:
         response.status_code = 200
-    return JobAccepted(id=job.id, status=job.status, links=links(job.id), cache_hit=created.cache_hit,
+    return JobAccepted(id=job.id, status=cast(Status, job.status), links=links(job.id), cache_hit=created.cache_hit,
                        reused_from=job.reused_from, idempotent_replay=created.replay)
 
 
@@ -76,7 +87,7 @@ def list_jobs(db: DbDep, owner: OwnerDep, services: ServicesDep, status_: Annota
     out = []
     for j in rows:
         r = j.report or {}
-        out.append(JobSummary(id=j.id, status=j.status, stage=j.stage, progress=j.progress, model=j.model,
+        out.append(JobSummary(id=j.id, status=cast(Status, j.status), stage=j.stage, progress=j.progress, model=j.model,
                               method=j.method, scheme=j.scheme, created_at=j.created_at, finished_at=j.finished_at,
                               fp_ppl=r.get("fp_ppl"), quant_ppl=r.get("quant_ppl"),
                               checkpoint_bytes=r.get("checkpoint_bytes"), error=_error(j)))

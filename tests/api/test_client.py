@@ -17,7 +17,13 @@ import httpx
 import pytest
 
 from api.client import (
-    ChecksumMismatch, Client, ClientError, Event, RequestRefused, Unreachable, verify_checksums,
+    ChecksumMismatch,
+    Client,
+    ClientError,
+    Event,
+    RequestRefused,
+    Unreachable,
+    verify_checksums,
 )
 from api.client_cli import LineProgress, progress_line
 from scripts.stack import Stack, free_port

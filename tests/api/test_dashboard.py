@@ -7,13 +7,15 @@ the job list and a job page land in runs/screenshots/.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -280,10 +282,8 @@ def test_live_loss_chart_and_cancel_a_long_job(signed_in: Browser, user: Api) ->
         b.until(lambda: b.text(f"tr[data-job-id='{job_id}'] .status").startswith("cancelled"), 20)
         assert b.console_errors() == []
     finally:
-        try:
+        with contextlib.suppress(NoAlertPresentException):
             b.d.switch_to.alert.dismiss()
-        except NoAlertPresentException:
-            pass
         if user.job(job_id)["status"] in ("queued", "running"):  # one worker: never leave it busy
             user.http.post(f"/v1/jobs/{job_id}/cancel")
             user.wait(job_id, timeout=60)

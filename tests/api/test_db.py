@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import os
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from alembic import command
@@ -128,7 +128,7 @@ def test_downgrade_to_base_then_upgrade_to_head(db_url: str) -> None:
 def test_token_create_lookup_revoke_stores_only_the_sha256(sessions: sessionmaker) -> None:
     with sessions() as db:
         row, secret = auth.create_token(db=db, name="ci", admin=True)
-        other, other_secret = auth.create_token(db=db, name="other")
+        _, other_secret = auth.create_token(db=db, name="other")
         token_id = row.id
     assert secret.startswith(auth.TOKEN_PREFIX) and secret != other_secret
 
@@ -216,7 +216,7 @@ def test_deleting_a_job_cascades_to_its_artifacts(sessions: sessionmaker) -> Non
 def test_timezone_aware_datetimes_round_trip(sessions: sessionmaker) -> None:
     india = dt.timezone(dt.timedelta(hours=5, minutes=30))
     started = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=india)  # 2026-01-01 21:34:05.678901 UTC
-    finished = dt.datetime(2026, 1, 1, 23, 0, 0, 1, tzinfo=dt.timezone.utc)
+    finished = dt.datetime(2026, 1, 1, 23, 0, 0, 1, tzinfo=dt.UTC)
     with sessions() as db:
         owner, _ = auth.create_token(db=db, name="tz")
         job = _job(owner, started_at=started, finished_at=finished)
@@ -230,10 +230,10 @@ def test_timezone_aware_datetimes_round_trip(sessions: sessionmaker) -> None:
             assert value == want and value.utcoffset() == dt.timedelta(0)
         assert back.started_at.isoformat() == "2026-01-01T21:34:05.678901+00:00"
         assert back.created_at.tzinfo is not None  # the default (utcnow) too
-        assert abs(dt.datetime.now(dt.timezone.utc) - back.created_at) < dt.timedelta(minutes=5)
+        assert abs(dt.datetime.now(dt.UTC) - back.created_at) < dt.timedelta(minutes=5)
         assert (back.finished_at - back.started_at) == dt.timedelta(hours=1, minutes=25, seconds=54, microseconds=321100)
         # Ordering and filtering compare instants, not wall-clock text.
-        assert db.scalar(select(Job.id).where(Job.started_at < dt.datetime(2026, 1, 1, 22, tzinfo=dt.timezone.utc))) \
+        assert db.scalar(select(Job.id).where(Job.started_at < dt.datetime(2026, 1, 1, 22, tzinfo=dt.UTC))) \
             == job_id
         assert db.scalar(select(Job.id).where(Job.started_at > dt.datetime(2026, 1, 2, 3, tzinfo=india))) == job_id
 

@@ -161,7 +161,8 @@ def test_download_range_etag_and_metrics(api: Api) -> None:
     assert api.http.get(f"/v1/jobs/{job_id}/artifacts/model/nope.bin").status_code == 404
     text = api.http.get("/metrics").text
     assert 'spinquant_jobs{status="succeeded"}' in text and "spinquant_queue_depth" in text
-    succeeded = float(next(line.split()[-1] for line in text.splitlines() if line.startswith('spinquant_jobs{status="succeeded"}')))
+    succeeded = float(next(line.split()[-1] for line in text.splitlines()
+                           if line.startswith('spinquant_jobs{status="succeeded"}')))
     assert succeeded >= 1
     assert json.loads(api.http.get("/readyz").text) == {"status": "ready"}
 

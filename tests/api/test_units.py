@@ -44,10 +44,9 @@ class _Info:
 
 def test_hub_ids_checked_against_mocked_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hugging Face hub is unreachable here, so HfApi.model_info is mocked (the only mock in these tests)."""
+    import httpx2  # huggingface_hub's HTTP client; its errors carry a response
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    import httpx2  # huggingface_hub's HTTP client; its errors carry a response
 
     def resp() -> httpx2.Response:
         return httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
@@ -55,7 +54,7 @@ def test_hub_ids_checked_against_mocked_hub(monkeypatch: pytest.MonkeyPatch) -> 
     settings = Settings(database_url="sqlite:///:memory:")
     calls = []
 
-    def fake(self, repo_id, revision=None, timeout=None):  # noqa: ANN001
+    def fake(self, repo_id, revision=None, timeout=None):
         calls.append((repo_id, revision))
         if repo_id == "org/missing":
             raise RepositoryNotFoundError("404", response=resp())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -34,7 +36,7 @@ def test_descent_on_a_quadratic() -> None:
         grad = 2 * (r - target)
         losses.append(float((r - target).pow(2).sum()))
         r = cayley_step(r, grad, lr=0.1)
-    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(losses))
     assert losses[-1] < 0.05 * losses[0]
 
 

@@ -9,7 +9,14 @@ import sys
 import pytest
 
 from quant_core.config import (
-    ConfigError, Method, Rotation, WeightAlgo, config_from_dict, config_to_dict, make_config, vllm_serving_verdict,
+    ConfigError,
+    Method,
+    Rotation,
+    WeightAlgo,
+    config_from_dict,
+    config_to_dict,
+    make_config,
+    vllm_serving_verdict,
 )
 
 
@@ -65,7 +72,7 @@ def test_bad_settings_name_the_field(overrides, message) -> None:
 
 
 def test_rotation_settings_need_a_rotation() -> None:
-    with pytest.raises(ConfigError, match="rotation.r4 needs"):
+    with pytest.raises(ConfigError, match=r"rotation.r4 needs"):
         make_config("gptq", w_bits=4, r4="full")
     with pytest.raises(ConfigError, match="method='nope'"):
         make_config("nope")
@@ -79,7 +86,7 @@ def test_from_dict_rejects_unknown_types_versions_and_keys() -> None:
         config_from_dict({**good, "_version": 99})
     bad = json.loads(json.dumps(good))
     bad["_data"]["weights"]["extra"] = 1
-    with pytest.raises(ConfigError, match="unknown setting.*weights.extra"):
+    with pytest.raises(ConfigError, match=r"unknown setting.*weights.extra"):
         config_from_dict(bad)
 
 

@@ -68,5 +68,5 @@ def test_staged_gptq_gives_the_integers_of_the_true_sequential_order(case: str, 
         assert torch.equal(got.q, ref.q), key
         assert torch.equal(got.scale, ref.scale), key
         assert got.loss == ref.loss, key
-    for a, b in zip(staged_model.state_dict().values(), ref_model.state_dict().values()):
+    for a, b in zip(staged_model.state_dict().values(), ref_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # the dequantized weights written into the model agree too

@@ -89,7 +89,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(exported, tmp_path: Path,
         target.unlink()
     else:
         (bad / "model" / "extra.safetensors").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="model.safetensors|extra.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors|extra.safetensors"):
         load(bad)
 
 

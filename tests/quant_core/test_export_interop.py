@@ -54,7 +54,8 @@ def test_gptq_folder_holds_the_same_integers_as_compressed_tensors(w4a16) -> Non
     res, out = w4a16
     sums = (out / "SHA256SUMS").read_text()
     for folder in ("model", "gptq"):  # one SHA256SUMS covers both folders and the same sidecar
-        for f in ("config.json", "model.safetensors", "spinquant_config.json", "quant_config.json", "eval_report.json", "serve.sh",
+        for f in ("config.json", "model.safetensors", "spinquant_config.json", "quant_config.json", "eval_report.json",
+                  "serve.sh",
                   "spinquant/rotations.safetensors", "tokenizer.json", "generation_config.json"):
             assert (out / folder / f).is_file() and f"  {folder}/{f}\n" in sums, f"{folder}/{f}"
     assert "  gptq/quantize_config.json\n" in sums and not (out / "gptq" / "SHA256SUMS").exists()
@@ -81,7 +82,7 @@ def test_gptq_folder_holds_the_same_integers_as_compressed_tensors(w4a16) -> Non
 
 
 def test_gptq_configs(w4a16) -> None:
-    res, out = w4a16
+    _, out = w4a16
     cfg = json.loads((out / "gptq" / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc == json.loads((out / "gptq" / "quantize_config.json").read_text())
@@ -138,7 +139,7 @@ def test_gptq_refuses_what_it_cannot_hold(w4a16, tmp_path: Path, change, reason)
 def test_gptq_refuses_an_online_r4(w4a16, tmp_path: Path) -> None:
     res, _ = w4a16
     r4 = plan_hadamard(res.arch.intermediate, mode="block", block=128)
-    with pytest.raises(ExportError, match="online R4.*compressed-tensors"):
+    with pytest.raises(ExportError, match=r"online R4.*compressed-tensors"):
         export_checkpoint(dataclasses.replace(res, runtime=QuantRuntime(r4=r4)), tmp_path / "job", formats=("gptq",))
     with pytest.raises(ExportError, match="unknown export format"):
         export_checkpoint(res, tmp_path / "job", formats=("awq",))
@@ -188,7 +189,7 @@ def test_compressed_tensors_decompresses_the_whole_folder(w4a16) -> None:
     folder's quantization_config and decompresses model.safetensors; every linear equals our weights."""
     from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
 
-    res, out = w4a16
+    _, out = w4a16
     ours, _, _ = load(out)
     deq = CompressedTensorsDequantizer(out / "model", dtype=torch.float32)
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as fh:

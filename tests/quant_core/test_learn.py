@@ -35,7 +35,7 @@ def test_checkpointed_forward_has_identical_loss_and_gradients(tiny_dir) -> None
         grads.append((float(loss.detach()), r1.grad.clone(), [r.grad.clone() for r in r2s]))
     (l0, g0, h0), (l1, g1, h1) = grads
     assert l0 == l1
-    assert torch.allclose(g0, g1, atol=1e-10) and all(torch.allclose(a, b, atol=1e-10) for a, b in zip(h0, h1))
+    assert torch.allclose(g0, g1, atol=1e-10) and all(torch.allclose(a, b, atol=1e-10) for a, b in zip(h0, h1, strict=True))
     assert g0.abs().sum() > 0
 
 

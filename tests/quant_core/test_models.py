@@ -48,7 +48,7 @@ def test_unknown_family_is_refused_with_the_supported_list(tiny_dir, tmp_path) -
     cfg = json.loads((path / "config.json").read_text())
     cfg["model_type"] = "gemma2"
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="gemma2.*supported: llama, mistral, qwen2"):
+    with pytest.raises(ModelError, match=r"gemma2.*supported: llama, mistral, qwen2"):
         load_model(resolve_model(str(path)))
 
 
@@ -56,12 +56,12 @@ def test_pickle_weights_are_refused(tiny_dir, tmp_path) -> None:
     path = tmp_path / "pickled"
     shutil.copytree(tiny_dir("llama-gqa"), path)
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
-    with pytest.raises(ModelError, match="only .safetensors are loaded"):
+    with pytest.raises(ModelError, match=r"only .safetensors are loaded"):
         weight_files(path)
 
 
 def test_missing_config_and_missing_dir(tmp_path) -> None:
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config.json"):
         resolve_model(str(tmp_path))
     with pytest.raises(ModelError, match="neither a local directory nor a Hugging Face id"):
         resolve_model(str(tmp_path / "nope" / "deeper"))
@@ -75,11 +75,11 @@ def test_missing_and_misshapen_tensors_are_named(tiny_dir, tmp_path) -> None:
     state = load_file(path / "model.safetensors")
     del state["model.layers.1.mlp.down_proj.weight"]
     save_file(state, path / "model.safetensors")
-    with pytest.raises(ModelError, match="missing 1 weight.*down_proj"):
+    with pytest.raises(ModelError, match=r"missing 1 weight.*down_proj"):
         load_model(resolve_model(str(path)))
     state["model.layers.1.mlp.down_proj.weight"] = torch.zeros(3, 3)
     save_file(state, path / "model.safetensors")
-    with pytest.raises(ModelError, match="down_proj.weight has shape"):
+    with pytest.raises(ModelError, match=r"down_proj.weight has shape"):
         load_model(resolve_model(str(path)))
 
 
@@ -100,5 +100,5 @@ def test_hub_download_failure_is_a_clear_error_hub_mocked(monkeypatch) -> None:
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", boom)
-    with pytest.raises(ModelError, match="could not download 'meta-llama/Llama-3.2-1B'.*no route"):
+    with pytest.raises(ModelError, match=r"could not download 'meta-llama/Llama-3.2-1B'.*no route"):
         resolve_model("meta-llama/Llama-3.2-1B")

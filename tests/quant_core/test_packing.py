@@ -159,7 +159,7 @@ def test_bad_inputs_raise_value_error() -> None:
         pack_int4_rows(torch.zeros(0, 8, dtype=torch.int8))
     with pytest.raises(ValueError, match="does not match packed shape"):
         unpack_int4_rows(torch.zeros(4, 2, dtype=torch.int32), 24)
-    with pytest.raises(ValueError, match="must be torch.int32"):
+    with pytest.raises(ValueError, match=r"must be torch.int32"):
         unpack_int4_rows(torch.zeros(4, 2, dtype=torch.int64), 16)
     with pytest.raises(ValueError, match=r"must lie in \[-8, 7\]"):
         pack_int4_zero_points(torch.full((3, 2), -9))

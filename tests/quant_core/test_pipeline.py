@@ -116,7 +116,7 @@ def test_learning_moves_the_rotations_and_keeps_them_orthogonal() -> None:
     res = quantize_model(str(LLAMA), _cfg(steps=6, lr=5.0))
     r1_0, r2_0 = _init_rotations(res.arch, 0)
     assert float((res.r1 - r1_0).norm()) > 1e-3
-    assert all(float((a - b).norm()) > 1e-4 for a, b in zip(res.r2s, r2_0))
+    assert all(float((a - b).norm()) > 1e-4 for a, b in zip(res.r2s, r2_0, strict=True))
     assert float(orthogonality_error(res.r1)) < 1e-10
     assert len(res.report["loss_curve"]) == 6 and len(res.report["rotation"]["grad_norms"]) == 6
 

@@ -40,7 +40,7 @@ def test_offloaded_hidden_states_equal_the_whole_forward() -> None:
     seen: list[int] = []
     streamed = list(offloaded_hidden(model, batches, Placement("cpu", offload=True),
                                      progress=lambda stage, f, info: seen.append(info["layer"])))
-    assert all(torch.equal(a, b) for a, b in zip(whole, streamed))
+    assert all(torch.equal(a, b) for a, b in zip(whole, streamed, strict=True))
     assert seen == [1, 2, 3, 4]  # one progress call per layer
 
 
@@ -55,9 +55,8 @@ def test_offloaded_perplexity_equals_the_whole_model_path() -> None:
 
 def test_visiting_returns_the_module_home_after_an_exception() -> None:
     lin = torch.nn.Linear(4, 4)
-    with pytest.raises(RuntimeError, match="boom"):
-        with visiting(lin, Placement("cpu", offload=True)):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), visiting(lin, Placement("cpu", offload=True)):
+        raise RuntimeError("boom")
     assert lin.weight.device.type == "cpu"
 
 
@@ -84,12 +83,12 @@ def test_learning_with_layer_offload_equals_the_whole_model_path() -> None:
     layers = quantize_model(str(MODELS / "llama-tiny"), make_config("spinquant", placement="layers", **kw))
     assert layers.report["model"]["placement"] == "layer-wise offload"
     assert layers.report["loss_curve"] == whole.report["loss_curve"]
-    assert torch.equal(layers.r1, whole.r1) and all(torch.equal(a, b) for a, b in zip(layers.r2s, whole.r2s))
+    assert torch.equal(layers.r1, whole.r1) and all(torch.equal(a, b) for a, b in zip(layers.r2s, whole.r2s, strict=True))
     assert layers.report["quant_ppl"] == whole.report["quant_ppl"]
 
 
 def test_offload_without_checkpointing_or_with_zero_shot_is_refused_at_config_time() -> None:
-    with pytest.raises(ConfigError, match="train.checkpoint_layers=true"):
+    with pytest.raises(ConfigError, match=r"train.checkpoint_layers=true"):
         make_config("spinquant", w_bits=4, a_bits=4, placement="layers", settings={"train.checkpoint_layers": False})
     with pytest.raises(ConfigError, match="placement='layers' cannot run zero-shot tasks"):
         make_config("quarot", w_bits=4, placement="layers", zero_shot_tasks=["piqa"])
@@ -139,7 +138,7 @@ def test_cuda_offload_has_one_layer_on_the_gpu_at_a_time() -> None:
     ref = perplexity(model, windows)
     on_gpu: list[int] = []
     hooks = [layer.register_forward_pre_hook(
-        lambda _m, _a: on_gpu.append(sum(p.is_cuda for l in model.model.layers for p in l.parameters())))
+        lambda _m, _a: on_gpu.append(sum(p.is_cuda for lyr in model.model.layers for p in lyr.parameters())))
         for layer in model.model.layers]
     got = perplexity(model, windows, placement=Placement("cuda", offload=True))
     for h in hooks:
@@ -181,7 +180,7 @@ def test_cuda_offloaded_learning_step_has_one_layer_on_the_gpu_at_a_time() -> No
     ids = torch.randint(4, 1024, (2, 64), generator=g).cuda()
     on_gpu: list[int] = []
     hooks = [layer.register_forward_pre_hook(
-        lambda _m, _a: on_gpu.append(sum(p.is_cuda for l in model.model.layers for p in l.parameters())))
+        lambda _m, _a: on_gpu.append(sum(p.is_cuda for lyr in model.model.layers for p in lyr.parameters())))
         for layer in model.model.layers]
     cfg = make_config("spinquant", w_bits=16, a_bits=4, kv_bits=4)
     place = Placement("cuda", offload=True)

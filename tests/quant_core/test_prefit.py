@@ -10,8 +10,8 @@ from quant_core.hadamard import random_hadamard_matrix
 from quant_core.models import QuantRuntime, load_model, resolve_model
 from quant_core.pipeline import build_runtime, validate_environment
 from quant_core.prefit import collect_samples, head_quant_error, prefit_rotations, quant_error
-from quant_core.sizes import PREFIT_TOKENS
 from quant_core.rotation import fold_norms
+from quant_core.sizes import PREFIT_TOKENS
 from tests.conftest import MODELS
 
 

@@ -33,7 +33,7 @@ def real_model() -> Path:
 def _roundtrip(result, tmp_path: Path) -> float:
     out = tmp_path / "ckpt"
     export_checkpoint(result, out)
-    model, cfg, report = load(out, int4_kernels=False)
+    model, _, report = load(out, int4_kernels=False)
     assert report["quant_ppl"] == result.report["quant_ppl"]
     windows = result.eval_windows
     assert windows is not None

@@ -18,7 +18,7 @@ from redis import Redis
 
 from api import live
 from api.db import FAILED, QUEUED, RUNNING, SUCCEEDED, Artifact, Job, Token, make_engine, make_sessionmaker, migrate
-from api.queue import VISIBILITY_TIMEOUT_S, MAX_HARD_LIMIT_S, celery_config, time_limits
+from api.queue import MAX_HARD_LIMIT_S, VISIBILITY_TIMEOUT_S, celery_config, time_limits
 from quant_core.config import config_to_dict, make_config
 from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
 from worker.settings import WorkerSettings
@@ -124,7 +124,7 @@ def test_attempt_cap_fails_as_worker_lost(env) -> None:
     ({"w_group_size": 96}, "bad_config", "group"),
 ])
 def test_failures_are_classified(env, change: dict, code: str, words: str) -> None:
-    settings, sessions, redis, add_job = env
+    settings, sessions, _, add_job = env
     job_id = add_job(**change)
     assert run_job(job_id, settings=settings) == f"failed: {code}"
     row = _row(sessions, job_id)

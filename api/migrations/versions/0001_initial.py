@@ -1,12 +1,11 @@
 """initial schema: tokens, texts, jobs, artifacts
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-24 02:20:02.602443
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
