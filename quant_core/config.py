@@ -314,6 +314,11 @@ class SpinQuantConfig:
         return self.rotation.r1r2 is Rotation.LEARNED and (self.train.steps > 0 or self.prefit_on)
 
     @property
+    def needs_calibration(self) -> bool:
+        """GPTQ quantizes the weights: it needs calibration windows (RTN and 16-bit weights do not)."""
+        return self.weights.bits < 16 and self.weights.algo is WeightAlgo.GPTQ
+
+    @property
     def r3_on(self) -> bool:
         if self.rotation.r3 == "auto":
             return self.rotating and self.kv.bits < 16

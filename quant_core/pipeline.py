@@ -212,7 +212,7 @@ def quantize_model(
     tokenizer = load_tokenizer(src.path)
     eval_tokens = encode(tokenizer, load_text(cfg.eval.source, "test"), bos=False)
     windows = eval_windows(eval_tokens, cfg.eval.seq_len, cfg.eval.max_windows)
-    needs_calib = cfg.weights.bits < 16 and cfg.weights.algo.value == "gptq"
+    needs_calib = cfg.needs_calibration
     learning = cfg.learning
     # Tokenised once: learning uses it as is (no BOS), GPTQ calibration with one BOS in front (§6, §8).
     calib_tokens = encode(tokenizer, load_text(cfg.calib.source, "train")) if (needs_calib or learning) else None

@@ -180,7 +180,7 @@ def stage_memory(s: Shape, cfg: SpinQuantConfig, dtype: str = "bfloat16") -> dic
     if cfg.learning:
         stages["learn"] = {"weights (frozen)": weights, **_learn_terms(s, cfg, wb)}
     if cfg.weights.bits < 16:
-        if cfg.weights.algo.value == "gptq":
+        if cfg.needs_calibration:
             stages["quantize"] = {"weights": weights, **_gptq_terms(s, cfg, wb)}
         else:
             stages["quantize"] = {"weights": weights, "one weight matrix in float32": s.ff * s.hidden * 4}
