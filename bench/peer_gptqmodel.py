@@ -142,7 +142,7 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=0)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = p.parse_args()
     torch.set_num_threads(2)
     if args.quantize:

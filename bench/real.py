@@ -241,9 +241,12 @@ def section_peers(args: argparse.Namespace, model: Path, out: dict[str, Any]) ->
             peers["llm-compressor"] = json.loads(js.read_text())
         if args.gptqmodel_python and Path(args.gptqmodel_python).exists():
             js = Path(tmp) / "gptqmodel.json"
-            subprocess.run([args.gptqmodel_python, str(ROOT / "bench" / "peer_gptqmodel.py"), "--quantize", *common,
-                            "--group-size", "64", "--json", str(js)], cwd=ROOT, check=True)
-            peers["gptqmodel"] = json.loads(js.read_text())
+            done = subprocess.run([args.gptqmodel_python, str(ROOT / "bench" / "peer_gptqmodel.py"), "--quantize",
+                                   *common, "--group-size", "64", "--json", str(js)], cwd=ROOT, capture_output=True,
+                                  text=True)
+            # A peer that cannot run this setting (dtype, device) is a row that says why, not a lost bench.
+            peers["gptqmodel"] = (json.loads(js.read_text()) if done.returncode == 0 and js.exists()
+                                  else {"error": (done.stderr or done.stdout)[-600:]})
     res: dict[str, Any] = {"ours": ours, "peers": peers}
     llmc = peers.get("llm-compressor", {}).get("variants", {})
     spin = llmc.get("r4_full_random_hadamard", {})
@@ -265,7 +268,8 @@ def section_peers(args: argparse.Namespace, model: Path, out: dict[str, Any]) ->
                   + (f"  (error: {g['error'][:120]})" if "error" in g else ""))
     gm = peers.get("gptqmodel", {})
     if gm:
-        print(f"  GPTQModel W4A16 g64       ppl {gm.get('ppl', float('nan')):.3f}")
+        print(f"  GPTQModel W4A16 g64       ppl {gm.get('ppl', float('nan')):.3f}"
+              + (f"  (error: {gm['error'][-200:]})" if "error" in gm else ""))
     out["peers"] = res
 
 

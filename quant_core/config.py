@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 CONFIG_VERSION = 1
@@ -513,15 +512,6 @@ def config_from_dict(payload: dict[str, Any]) -> SpinQuantConfig:
     if payload.get("_version") != CONFIG_VERSION:
         raise ConfigError(f"config version {payload.get('_version')!r} is not supported; expected {CONFIG_VERSION}")
     return _build(SpinQuantConfig, payload.get("_data"), "")
-
-
-def config_to_json(cfg: SpinQuantConfig) -> str:
-    return json.dumps(config_to_dict(cfg), indent=2, sort_keys=True)
-
-
-def with_overrides(cfg: SpinQuantConfig, **changes: Any) -> SpinQuantConfig:
-    """A copy with top-level fields replaced (validation runs again)."""
-    return replace(cfg, **changes)
 
 
 def vllm_serving_verdict(cfg: SpinQuantConfig, head_dim: int | None = None) -> Literal[True] | list[str]:

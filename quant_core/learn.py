@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +43,6 @@ class LearnResult:
     loss_curve: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)  # pre-clip, as the HF Trainer logs them
     max_orth_error: float = 0.0
-    seconds: float = 0.0
 
 
 # The learning forward rotates every weight on the fly, in the model dtype: the product is the model-dtype
@@ -70,15 +68,6 @@ def _layer_params(model: DecoderLM, i: int, r1: Tensor, r2: Tensor, w_bits: int,
         block = "self_attn" if key.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
         out[f"{block}.{key}"] = value
     return out
-
-
-def rotated_params(model: DecoderLM, r1: Tensor, r2s: list[Tensor], w_bits: int, cfg: SpinQuantConfig) -> dict[str, Tensor]:
-    """Every decoder linear's rotated (and optionally weight-fake-quantized) parameters, by checkpoint name."""
-    return {
-        f"model.layers.{i}.{k}": v
-        for i in range(model.arch.n_layers)
-        for k, v in _layer_params(model, i, r1, r2s[i], w_bits, cfg).items()
-    }
 
 
 def learning_hidden(model: DecoderLM, ids: Tensor, r1: Tensor, r2s: list[Tensor], w_bits: int,
@@ -173,7 +162,6 @@ def train_rotations(
     w_bits = cfg.train_w_bits
     result = LearnResult(r1=r1.detach(), r2s=[r.detach() for r in r2s])
     accum = tc.batch_size // tc.micro_batch
-    start = time.perf_counter()
     n = blocks.shape[0]
     cursor = 0
     progress("learn", 0.0, {"step": 0, "steps": tc.steps})  # marks the stage's start for timings
@@ -213,5 +201,4 @@ def train_rotations(
     with torch.no_grad():
         result.r1 = reorthonormalize(r1.detach())
         result.r2s = [reorthonormalize(r.detach()) for r in r2s]
-    result.seconds = time.perf_counter() - start
     return result

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call
 
 from quant_core.config import make_config
 from quant_core.hadamard import plan_hadamard, random_hadamard_matrix
-from quant_core.learn import rotated_params
+from quant_core.learn import learning_hidden
 from quant_core.models import QuantRuntime, load_model, resolve_model
 from quant_core.rotation import center_embeddings, fold_norms, fuse_r4, merge_rotations
 from tests.fixtures.tiny_random import CASES
@@ -59,8 +58,9 @@ def test_learning_form_equals_merged_form(case: str, tiny_dir) -> None:
     fold_norms(model)
     r1, r2s = _rotations(model.arch, seed=3)
     with torch.no_grad():
-        params = rotated_params(model, r1, r2s, 16, cfg)
-        learn_form = functional_call(model, params, (ids,), {"r1": r1})
+        # the learning forward itself: every weight rotated on the fly, R1 on the embedding output and R1^T
+        # before the unrotated lm_head
+        learn_form = model.lm_head(learning_hidden(model, ids, r1, r2s, 16, cfg, checkpoint_layers=False))
     assert (learn_form - ref).abs().max().item() <= 1e-4
     merge_rotations(model, r1, r2s)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_gradients_reach_r1_and_r2(tiny_dir) -> None:
     for r in r2s:
         r.requires_grad_(True)
     ids = _ids()
-    out = functional_call(model, rotated_params(model, r1, r2s, 4, cfg), (ids,), {"r1": r1})
+    out = model.lm_head(learning_hidden(model, ids, r1, r2s, 4, cfg, checkpoint_layers=True))
     out.float().logsumexp(-1).mean().backward()
     assert r1.grad is not None and r1.grad.abs().sum() > 0
     assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in r2s)
