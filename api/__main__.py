@@ -42,9 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from .settings import get_settings
+    from .settings_shared import UnknownSetting
 
     try:
         settings = get_settings()
+    except UnknownSetting as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ValidationError as exc:
         print(f"error: bad SPINQUANT_* setting: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from .settings_shared import SharedSettings
+from .settings_shared import SharedSettings, check_environment
 
 
 class Settings(SharedSettings):
@@ -22,4 +22,6 @@ class Settings(SharedSettings):
 
 @lru_cache
 def get_settings() -> Settings:
+    """The process's settings from the environment; UnknownSetting for a SPINQUANT_* name nothing reads."""
+    check_environment()
     return Settings()

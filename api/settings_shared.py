@@ -6,11 +6,53 @@ both inherit these fields and their checks, so the store and database settings c
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings
+
+PREFIX = "SPINQUANT_"
+# The settings of one server process or the other (API: api.settings.Settings, worker: worker.settings.WorkerSettings)
+# beyond SharedSettings' own. One env file usually serves both processes, so each accepts the other's names; a test
+# checks this list against the two classes.
+PROCESS_SETTINGS = frozenset({
+    "hub_check", "max_body_bytes", "max_jobs_listed", "sse_block_ms", "auto_migrate",  # API
+    "hub_cache_dir", "lock_ttl_s", "max_attempts", "db_write_interval_s",  # worker
+})
+# SPINQUANT_* variables that are no server setting: the client's, and the dev, test and deploy tools'.
+OTHER_VARIABLES = frozenset({
+    "SPINQUANT_URL", "SPINQUANT_TOKEN", "SPINQUANT_IDEMPOTENCY_KEY",  # the spinquant client
+    "SPINQUANT_MODEL_CACHE", "SPINQUANT_TEST_POSTGRES_URL", "SPINQUANT_PG_STATE", "SPINQUANT_PG_PORT",  # tests, make
+    "SPINQUANT_TOOLS_DIR", "SPINQUANT_CHROMIUM", "SPINQUANT_CHROMEDRIVER",
+    "SPINQUANT_IMAGE_TAG", "SPINQUANT_IMAGE_REGISTRY", "SPINQUANT_COMPOSE", "SPINQUANT_API_PORT",  # compose
+    "SPINQUANT_VLLM",
+})
+
+
+class UnknownSetting(ValueError):
+    """A SPINQUANT_* variable no part of the service reads: a misspelt one would otherwise be ignored silently."""
+
+    def __init__(self, field: str, closest: str | None) -> None:
+        self.field, self.closest = field, closest
+        hint = f"; did you mean {closest}?" if closest else ""
+        super().__init__(f"unknown setting {field}{hint} (accepted: the SPINQUANT_* names in the README's "
+                         "configuration table)")
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse an unknown SPINQUANT_* variable (names are case-insensitive, as pydantic-settings reads them)."""
+    env = os.environ if environ is None else environ
+    valid = {PREFIX + f.upper() for f in (*SharedSettings.model_fields, *PROCESS_SETTINGS)} | OTHER_VARIABLES
+    for key in sorted(env):
+        name = key.upper()
+        if name.startswith(PREFIX) and name not in valid:
+            # compared without the prefix, which every name shares
+            close = difflib.get_close_matches(name[len(PREFIX):], sorted(v[len(PREFIX):] for v in valid), n=1, cutoff=0.6)
+            raise UnknownSetting(name, PREFIX + close[0] if close else None)
 
 
 class SharedSettings(BaseSettings):

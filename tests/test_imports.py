@@ -39,11 +39,17 @@ def test_quant_core_import_does_not_initialise_cuda() -> None:
     assert _run(code) == "False"
 
 
-def test_worker_with_a_bad_setting_exits_with_one_message() -> None:
+def test_worker_with_a_bad_setting_exits_with_one_message_at_start_not_at_import() -> None:
     import os
 
-    env = dict(os.environ, SPINQUANT_STORE="s3")  # s3 without a bucket
-    out = subprocess.run([sys.executable, "-c", "import worker.celery_app"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 1 and out.stderr.startswith("error: bad SPINQUANT_* setting")
-    assert "Traceback" not in out.stderr and "SPINQUANT_S3_BUCKET" in out.stderr
+    for bad, words in (({"SPINQUANT_STORE": "s3"}, "SPINQUANT_S3_BUCKET"),  # s3 without a bucket
+                       ({"SPINQUANT_LOCK_TTL": "60"}, "did you mean SPINQUANT_LOCK_TTL_S?")):  # misspelt
+        env = dict(os.environ, **bad)
+        imported = subprocess.run([sys.executable, "-c", "import worker.celery_app, worker.tasks"], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120)
+        assert imported.returncode == 0, imported.stderr  # importing reads no settings
+        # what `celery -A worker.celery_app worker` does first: read the app's configuration
+        started = subprocess.run([sys.executable, "-c", "from worker.celery_app import app; app.conf.broker_url"],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 1 and started.stderr.startswith("error: bad SPINQUANT_* setting"), started.stderr
+        assert "Traceback" not in started.stderr and words in started.stderr

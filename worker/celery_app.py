@@ -8,18 +8,25 @@ Run one per GPU (QUEUE.md §3):
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from celery import Celery
 from pydantic import ValidationError
 
 from api.queue import celery_config
+from api.settings_shared import UnknownSetting
 
 from .settings import get_settings
 
-try:
-    _settings = get_settings()
-except ValidationError as exc:  # a bad SPINQUANT_* variable: one clear message at startup, no traceback
-    sys.exit(f"error: bad SPINQUANT_* setting for the worker: {exc}")
-
 app = Celery("spinquant-worker", include=["worker.tasks"])
-app.conf.update(celery_config(_settings.redis_url))
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    """Settings are read when Celery first needs its configuration (worker start), not when this module is
+    imported: importing it (tests, tooling) never exits the process."""
+    try:
+        settings = get_settings()
+    except (ValidationError, UnknownSetting) as exc:  # one clear message at startup, no traceback
+        sys.exit(f"error: bad SPINQUANT_* setting for the worker: {exc}")
+    sender.conf.update(celery_config(settings.redis_url))

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from api.settings_shared import SharedSettings
+from api.settings_shared import SharedSettings, check_environment
 
 
 class WorkerSettings(SharedSettings):
@@ -22,4 +22,6 @@ class WorkerSettings(SharedSettings):
 
 @lru_cache
 def get_settings() -> WorkerSettings:
+    """The process's settings from the environment; UnknownSetting for a SPINQUANT_* name nothing reads."""
+    check_environment()
     return WorkerSettings()
