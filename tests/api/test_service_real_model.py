@@ -13,7 +13,7 @@ from quant_core.evaluate import perplexity
 from quant_core.runtime import load
 from scripts.stack import Stack
 from tests.api.conftest import Api
-from tests.conftest import TEST_TEXT, TRAIN_TEXT
+from tests.conftest import REAL_MODEL_DTYPE, TEST_TEXT, TRAIN_TEXT
 from tests.fixtures import smollm2
 
 
@@ -30,7 +30,7 @@ def real_api(tmp_path_factory: pytest.TempPathFactory):
 def test_w4a16_job_on_the_real_model_through_the_service(real_api: Api, tmp_path: Path) -> None:
     body = {"model": f"local:{smollm2.NAME}", "method": "gptq",
             "settings": {"w_bits": 4, "w_group_size": 64, "seq_len": 128, "calib_samples": 4, "eval_windows": 4,
-                         "dtype": "bfloat16"},
+                         "dtype": REAL_MODEL_DTYPE},
             "calib": {"text_id": real_api.upload(TRAIN_TEXT, limit=200_000)},
             "eval": {"text_id": real_api.upload(TEST_TEXT)}}
     r = real_api.submit(body)

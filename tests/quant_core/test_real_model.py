@@ -18,11 +18,11 @@ from quant_core.evaluate import perplexity
 from quant_core.export import export_checkpoint
 from quant_core.pipeline import quantize_model
 from quant_core.runtime import load
-from tests.conftest import TEST_TEXT, TRAIN_TEXT
+from tests.conftest import REAL_MODEL_DTYPE, TEST_TEXT, TRAIN_TEXT
 from tests.fixtures import smollm2
 
 SMALL = dict(seq_len=256, calib_samples=8, eval_windows=6, calib_source=f"file:{TRAIN_TEXT}",
-             eval_source=f"file:{TEST_TEXT}", device="cpu", dtype="bfloat16")
+             eval_source=f"file:{TEST_TEXT}", device="cpu", dtype=REAL_MODEL_DTYPE)
 
 
 @pytest.fixture(scope="module")
