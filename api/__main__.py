@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from .settings import get_settings
-    from .settings_shared import UnknownSetting
+    from service.settings import UnknownSetting, api_settings
+
 
     try:
-        settings = get_settings()
+        settings = api_settings()
     except UnknownSetting as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.cmd == "store":
         return _store_check(settings, create_bucket=a.create_bucket)
+    from service.db import Token, make_engine, make_sessionmaker, migrate
+
     from . import auth
-    from .db import Token, make_engine, make_sessionmaker, migrate
 
     if a.cmd == "serve":
         import uvicorn
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def _store_check(settings: object, *, create_bucket: bool) -> int:
     import uuid
 
-    from .storage import make_store
+    from service.storage import make_store
 
     try:
         store = make_store(settings)

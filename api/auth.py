@@ -12,7 +12,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .db import Token
+from service.db import Token
 
 TOKEN_PREFIX = "sq_"
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
@@ -19,16 +17,15 @@ from sqlalchemy.orm import Session
 
 from quant_core.config import ALIASES, ConfigError, SpinQuantConfig, config_to_dict, make_config
 from quant_core.formats import ExportError, check_formats
+from service import live, sources
+from service.db import CANCELLED, QUEUED, SUCCEEDED, TERMINAL, Artifact, Job, Token, UploadedText, utcnow
+from service.queue import enqueue, time_limits
+from service.settings import ApiSettings
+from service.sources import UPLOAD_PREFIX, ModelRef, SourceError, text_key
+from service.storage import ArtifactStore
 
-from . import live
-from .db import CANCELLED, QUEUED, SUCCEEDED, TERMINAL, Artifact, Job, Token, UploadedText, utcnow
-from .queue import enqueue, time_limits
 from .schemas import DataRef, JobCreate
-from .settings import Settings
-from .storage import ArtifactStore
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-LOCAL_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)*$")
 # Data sources come only from the calib/eval fields: a free-form source could read any file on a worker.
 _SOURCE_KEYS = {"calib_source", "eval_source", "calib.source", "eval.source", "calib", "eval"}
 
@@ -41,68 +38,13 @@ class RequestError(Exception):
         self.status, self.loc, self.msg, self.kind = status, loc, msg, kind
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    model: str  # as the worker receives it: 'local:<name>' or a hub id
-    pin: str  # what identifies the weights for caching (folder stamp, or the hub commit)
-    weight_bytes: int | None
-
-
-def resolve_local(name: str, models_dir: Path | None) -> Path:
-    """The folder of ``local:<name>`` inside ``models_dir``; refuses names that escape it."""
-    if models_dir is None:
-        raise RequestError(422, ["body", "model"], "local models are disabled on this server (no models directory "
-                           "configured); use a Hugging Face id such as 'org/name'")
-    if not LOCAL_NAME.match(name) or ".." in name.split("/"):
-        raise RequestError(422, ["body", "model"], f"local model name {name!r} is not allowed; accepted: "
-                           "letters, digits, '.', '_', '-' and '/' between names, inside the models directory")
-    root = Path(models_dir).resolve()
-    path = (root / name).resolve()
-    if root not in path.parents:
-        raise RequestError(422, ["body", "model"], f"local model {name!r} escapes the models directory")
-    if not (path / "config.json").is_file():
-        available = sorted(p.parent.relative_to(root).as_posix() for p in root.glob("*/config.json"))
-        raise RequestError(422, ["body", "model"], f"unknown local model {name!r}; available: "
-                           f"{', '.join('local:' + a for a in available) or 'none'}")
-    return path
-
-
-def _hub_lookup(model: str, revision: str | None) -> tuple[str, int | None]:
-    """(commit sha, weight bytes) from the hub; RequestError when the id or revision does not exist."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
+def resolve_model_ref(*, model: str, revision: str | None, settings: ApiSettings) -> ModelRef:
+    """The request's model (service.sources), its refusal as a 422 on the field it names."""
     try:
-        info = HfApi().model_info(model, revision=revision, timeout=10)
-    except RevisionNotFoundError:
-        raise RequestError(422, ["body", "revision"], f"revision {revision!r} does not exist for {model}") from None
-    except GatedRepoError:
-        raise RequestError(422, ["body", "model"], f"{model} is gated; the server's hub token has no access") from None
-    except RepositoryNotFoundError:
-        raise RequestError(422, ["body", "model"], f"unknown model {model!r}: no such Hugging Face repository "
-                           "(or it is private)") from None
-    except Exception:  # hub unreachable: accept; the worker fails the job with bad_model if it is wrong
-        return f"unverified:{revision or 'main'}", None
-    st = getattr(info, "safetensors", None)
-    total = getattr(st, "total", None) if st is not None else None
-    return str(info.sha or revision or "main"), (int(total) * 2 if total else None)
-
-
-def resolve_model_ref(*, model: str, revision: str | None, settings: Settings) -> ModelRef:
-    if model.startswith("local:"):
-        path = resolve_local(model.removeprefix("local:"), settings.models_dir)
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        stamp = hashlib.sha256("".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
-                                       for p in files).encode()).hexdigest()
-        local_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
-        return ModelRef(model=model, pin=stamp, weight_bytes=local_bytes)
-    if not HUB_ID.match(model):
-        raise RequestError(422, ["body", "model"], f"model {model!r} is not valid; accepted: a Hugging Face id "
-                           "like 'meta-llama/Llama-3.2-1B' or 'local:<name>' from the server's models directory")
-    if settings.hub_check:
-        sha, weight_bytes = _hub_lookup(model, revision)
-        return ModelRef(model=model, pin=sha, weight_bytes=weight_bytes)
-    return ModelRef(model=model, pin=f"unverified:{revision or 'main'}", weight_bytes=None)
+        return sources.resolve_model_ref(model=model, revision=revision, models_dir=settings.models_dir,
+                                         hub_check=settings.hub_check)
+    except SourceError as exc:
+        raise RequestError(422, ["body", exc.field], exc.message) from None
 
 
 def _data_source(ref: DataRef | None, *, db: Session, owner: Token, field: str) -> str | None:
@@ -114,7 +56,7 @@ def _data_source(ref: DataRef | None, *, db: Session, owner: Token, field: str) 
     if text is None or (text.owner_id != owner.id and not owner.admin):
         raise RequestError(422, ["body", field, "text_id"], f"unknown text id {ref.text_id!r}; upload the text "
                            "with POST /v1/texts first and use the id it returns")
-    return f"upload:{text.sha256}"
+    return UPLOAD_PREFIX + text.sha256
 
 
 def build_config(*, job_in: JobCreate, db: Session, owner: Token) -> SpinQuantConfig:
@@ -131,17 +73,19 @@ def build_config(*, job_in: JobCreate, db: Session, owner: Token) -> SpinQuantCo
     try:
         return make_config(job_in.method, **flat, calib_source=calib, eval_source=evals, settings=dotted)
     except ConfigError as exc:
-        msg = str(exc)
+        raise RequestError(422, _config_loc(exc.field, job_in.settings), str(exc), "config_error") from None
 
-        def named(key: str) -> bool:  # the message names the setting by its flat or dotted name
-            targets = ALIASES.get(key, ())
-            return key in msg or any(t in msg for t in (targets if isinstance(targets, tuple) else (targets,)))
 
-        bad = next((k for k in job_in.settings if named(k)), None)
-        loc: list[str | int] = ["body", "method"] if "method" in str(exc) and bad is None else ["body", "settings"]
-        if bad is not None:
-            loc.append(bad)
-        raise RequestError(422, loc, str(exc), "config_error") from None
+def _config_loc(field: str | None, settings: dict[str, Any]) -> list[str | int]:
+    """Where in the request a ConfigError's field came from: the method, the settings key (flat or dotted)
+    that sets it, else the settings object as a whole."""
+    if field == "method":
+        return ["body", "method"]
+    for key in settings:
+        targets = ALIASES.get(key, ())
+        if field in (key, *(targets if isinstance(targets, tuple) else (targets,))):
+            return ["body", "settings", key]
+    return ["body", "settings"]
 
 
 def fingerprint(*, ref: ModelRef, revision: str | None, cfg: SpinQuantConfig, formats: list[str]) -> str:
@@ -170,7 +114,7 @@ def _replay(prior: Job, job_in: JobCreate) -> Created:
     return Created(prior, replay=True)
 
 
-def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key: str | None, settings: Settings,
+def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key: str | None, settings: ApiSettings,
                sender: Any, redis: Any) -> Created:
     """Validate, dedupe (Idempotency-Key, finished identical job), record, then enqueue by name."""
     if idempotency_key is not None:
@@ -237,7 +181,7 @@ def list_jobs(*, db: Session, owner: Token, status: str | None, limit: int) -> l
     return list(db.scalars(q))
 
 
-def request_cancel(*, db: Session, job: Job, sender: Any, redis: Any, settings: Settings) -> Job:
+def request_cancel(*, db: Session, job: Job, sender: Any, redis: Any, settings: ApiSettings) -> Job:
     """Queued: revoke and mark cancelled now. Running: raise the cooperative flag; the worker finishes it."""
     if job.status in TERMINAL:
         return job
@@ -284,10 +228,6 @@ def create_text(*, db: Session, owner: Token, name: str, data: bytes, store: Art
     db.add(row)
     db.commit()
     return row
-
-
-def text_key(sha256: str) -> str:
-    return f"texts/{sha256}.txt"
 
 
 def stage_timings(job: Job) -> dict[str, dict[str, float | None]]:

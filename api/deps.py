@@ -9,17 +9,18 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db import Token
+from service.settings import ApiSettings
+from service.storage import ArtifactStore
+
 from . import auth
-from .db import Token
-from .settings import Settings
-from .storage import ArtifactStore
 
 
 @dataclass
 class Services:
     """Process-wide clients, built once at startup (api.main) and shared by every request."""
 
-    settings: Settings
+    settings: ApiSettings
     sessions: sessionmaker
     redis: Any  # redis.Redis (sync: used from threadpool routes)
     aredis: Any  # redis.asyncio.Redis (the SSE route)
@@ -34,7 +35,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> Settings:
+def get_settings(services: ServicesDep) -> ApiSettings:
     return services.settings
 
 
@@ -43,7 +44,7 @@ def get_db(services: ServicesDep) -> Iterator[Session]:
         yield db
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 DbDep = Annotated[Session, Depends(get_db)]
 
 

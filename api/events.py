@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from . import live
+from service import live
 
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 

@@ -15,14 +15,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.db import make_engine, make_sessionmaker, migrate
+from service.queue import make_sender
+from service.settings import ApiSettings, api_settings
+from service.storage import StoreError, make_store
+
 from . import dashboard
 from .crud import RequestError
-from .db import make_engine, make_sessionmaker, migrate
 from .deps import Services
-from .queue import make_sender
 from .routes import jobs, system, texts
-from .settings import Settings, get_settings
-from .storage import StoreError, make_store
 
 
 class _TooLarge(Exception):
@@ -73,7 +74,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: ApiSettings) -> Services:
     engine = make_engine(settings.database_url)
     return Services(settings=settings, sessions=make_sessionmaker(engine), redis=redis.Redis.from_url(settings.redis_url),
                     # XREAD BLOCK waits sse_block_ms: the socket must outwait it (redis-py's default does not).
@@ -82,8 +83,8 @@ def build_services(settings: Settings) -> Services:
                     store=make_store(settings))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or api_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -10,8 +10,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from .db import STATUSES, Job
-from .queue import GPU_QUEUE
+from service.db import STATUSES, Job
+from service.queue import GPU_QUEUE
 
 # kombu's Redis transport keeps one list per priority step: "gpu", "gpu\x06\x163", ... (steps 0, 3, 6, 9).
 _PRIORITY_SEP = "\x06\x16"

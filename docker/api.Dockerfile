@@ -37,7 +37,7 @@ RUN pip install --no-cache-dir -r /tmp/requirements-api.txt \
 # bind mount, so the source never becomes a layer. Then prove the API imports and torch is absent.
 RUN --mount=type=bind,source=.,target=/src,rw \
     pip install --no-cache-dir --no-deps --no-index --no-build-isolation /src \
- && python -c "import importlib.util, sys; import api.main, api.__main__, boto3; \
+ && python -c "import importlib.util, sys; import api.main, api.__main__, service.storage.s3, boto3; \
 sys.exit('torch is in the API image' if importlib.util.find_spec('torch') else 0)"
 
 # Dockerfile reference "WORKDIR": relative defaults (sqlite:///runs/service/...) land in the writable state folder.

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import DataError as DataError
+
 # Known dataset names -> (datasets path, config name). The join rule for each split follows §9.
 KNOWN_DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
@@ -28,8 +30,6 @@ KNOWN_DATASETS = {
 }
 
 
-class DataError(ValueError):
-    """A text source that cannot be read or is too short; the message says what is accepted."""
 
 
 def load_text(source: str, split: str) -> str:
@@ -55,7 +55,7 @@ def load_text(source: str, split: str) -> str:
         ds = datasets.load_dataset(ds_path, ds_config, split=split)
         column = "text" if "text" in ds.column_names else ds.column_names[0]
         lines: list[str] = ds[column]
-    except Exception as exc:  # offline, unknown name, bad split: one clear message
+    except (OSError, ValueError, KeyError, ImportError) as exc:  # offline (hub errors are OSError), unknown name, bad split
         raise DataError(
             f"could not load dataset {source!r} (split {split!r}): {type(exc).__name__}: {exc}. "
             "Accepted: 'wikitext2', a datasets name[:config] with a text column, or file:<path> of plain text"
@@ -70,8 +70,13 @@ def load_tokenizer(path: Path | str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as exc:
+    except (OSError, ValueError, KeyError) as exc:  # missing or malformed tokenizer files
         raise DataError(f"cannot load the tokenizer from {path}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        if type(exc) is not Exception:  # a bug somewhere: surface it
+            raise
+        # the tokenizers library raises a bare Exception for a tokenizer.json it cannot parse
+        raise DataError(f"cannot load the tokenizer from {path}: {exc}") from None
 
 
 def encode(tokenizer: Any, text: str, bos: bool = False) -> Tensor:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import A_BITS, KV_BITS, W_BITS, ConfigError, Method, make_config
+from .errors import UserError
+from .progress import Cancelled
 
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 3
@@ -186,28 +188,17 @@ class _Bar:
 def _quantize(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     if a.out is not None and a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
-        raise ConfigError(f"--out {a.out} already exists and is not an empty folder")
+        raise ConfigError("out", f"--out {a.out} already exists and is not an empty folder")
     if a.out is not None:
         from .formats import check_formats
 
         check_formats(cfg, a.export_format)  # refuse a format that cannot hold the job before any compute
-    from .pipeline import quantize_model  # heavy imports only once the arguments are valid
+    from .pipeline import run  # heavy imports only once the arguments are valid
 
     bar = _Bar(not a.no_progress)
     try:
-        result = quantize_model(a.model, cfg, revision=a.revision, progress=bar)
-        if a.out is not None:
-            import time
-
-            from .export import export_checkpoint
-
-            t0 = time.perf_counter()
-            bar("export", 0.0, {})
-            formats = ("ct", "gptq") if a.export_format == "both" else (a.export_format,)
-            export_checkpoint(result, a.out, formats=formats)
-            result.report["timings_s"]["export"] = time.perf_counter() - t0
-            result.report["timings_s"]["total"] += result.report["timings_s"]["export"]
-            bar("export", 1.0, {})
+        formats = ("ct", "gptq") if a.export_format == "both" else (a.export_format,)
+        result = run(a.model, cfg, out=a.out, formats=formats, revision=a.revision, progress=bar)
     finally:
         bar.close()
     rep = result.report
@@ -233,7 +224,7 @@ def _model_config(model: str, revision: str | None) -> dict[str, Any]:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(model, "config.json", revision=revision))
-        except Exception as exc:
+        except (OSError, ValueError) as exc:  # the hub's errors are OSError; a malformed id is ValueError
             raise ModelError(f"could not fetch config.json of {model!r}: {type(exc).__name__}: {exc}") from None
     try:
         return json.loads(path.read_text())
@@ -279,18 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
-    except Exception as exc:  # classify: bad input is the user's to fix, the rest is ours
-        from .calibration import DataError
-        from .formats import ExportError
-        from .models import ModelError
-        from .progress import Cancelled
-        from .runtime import CheckpointError
-
-        if isinstance(exc, (ConfigError, ModelError, DataError, ExportError, CheckpointError, FileExistsError)):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if isinstance(exc, Cancelled):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_CANCELLED
-        raise
+    except UserError as exc:  # bad input: one line, exit 2; anything else is ours and shows its traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Cancelled as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
     return EXIT_BAD_INPUT

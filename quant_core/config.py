@@ -17,6 +17,8 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import ConfigError as ConfigError
+
 CONFIG_VERSION = 1
 
 W_BITS = (2, 3, 4, 8, 16)  # 16 = weights not quantized
@@ -27,8 +29,6 @@ STE_MODES = ("range", "identity")  # rotation-learning gradient through the fake
 TRAIN_LOSSES = ("kl", "ce")  # rotation-learning loss (TrainConfig.loss); quant_core.losses implements both
 
 
-class ConfigError(ValueError):
-    """A setting that is out of range or impossible; the message names the field and what is accepted."""
 
 
 class Method(str, enum.Enum):
@@ -61,18 +61,18 @@ def _choice(enum_type: type[enum.Enum], value: Any, name: str) -> Any:
         return enum_type(value)
     except ValueError:
         accepted = ", ".join(repr(m.value) for m in enum_type)
-        raise ConfigError(f"{name}={value!r} is not valid; accepted: {accepted}") from None
+        raise ConfigError(name, f"{name}={value!r} is not valid", accepted) from None
 
 
 def _check_in(value: Any, allowed: tuple[Any, ...], name: str) -> None:
     if isinstance(value, bool) or value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not valid; accepted: {', '.join(map(str, allowed))}")
+        raise ConfigError(name, f"{name}={value!r} is not valid", ", ".join(map(str, allowed)))
 
 
 def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"{name}={value!r} is not valid; accepted: an integer {rng}")
+        raise ConfigError(name, f"{name}={value!r} is not valid", f"an integer {rng}")
 
 
 def _check_float(value: Any, name: str, lo: float, hi: float, lo_open: bool = True) -> None:
@@ -81,12 +81,12 @@ def _check_float(value: Any, name: str, lo: float, hi: float, lo_open: bool = Tr
         ok = (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
         bracket = "(" if lo_open else "["
-        raise ConfigError(f"{name}={value!r} is not valid; accepted: a number in {bracket}{lo}, {hi}]")
+        raise ConfigError(name, f"{name}={value!r} is not valid", f"a number in {bracket}{lo}, {hi}]")
 
 
 def _check_bool(value: Any, name: str) -> None:
     if not isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} is not valid; accepted: true or false")
+        raise ConfigError(name, f"{name}={value!r} is not valid", "true or false")
 
 
 def parse_r4(value: str) -> tuple[str, int | None]:
@@ -100,9 +100,8 @@ def parse_r4(value: str) -> tuple[str, int | None]:
         tail = value.split(":", 1)[1]
         if tail.isdigit() and int(tail) >= 2 and (int(tail) & (int(tail) - 1)) == 0:
             return "block", int(tail)
-    raise ConfigError(
-        f"rotation.r4={value!r} is not valid; accepted: 'none', 'full', 'block:<power of two>', 'block:auto'"
-    )
+    raise ConfigError("rotation.r4", f"rotation.r4={value!r} is not valid",
+                      "'none', 'full', 'block:<power of two>', 'block:auto'")
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ class RotationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "r1r2", _choice(Rotation, self.r1r2, "rotation.r1r2"))
         if self.r3 not in ("auto", "on", "off"):
-            raise ConfigError(f"rotation.r3={self.r3!r} is not valid; accepted: 'auto', 'on', 'off'")
+            raise ConfigError("rotation.r3", f"rotation.r3={self.r3!r} is not valid", "'auto', 'on', 'off'")
         if self.r4 != "auto":
             parse_r4(self.r4)
         object.__setattr__(self, "fallback", _choice(HadamardFallback, self.fallback, "rotation.fallback"))
@@ -216,9 +215,8 @@ class TrainConfig:
         _check_int(self.batch_size, "train.batch_size", 1)
         _check_int(self.micro_batch, "train.micro_batch", 1)
         if self.batch_size % self.micro_batch:
-            raise ConfigError(
-                f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch={self.micro_batch}"
-            )
+            raise ConfigError("train.batch_size", f"train.batch_size={self.batch_size} is not a multiple of "
+                              f"train.micro_batch={self.micro_batch}")
         _check_int(self.samples, "train.samples", 1)
         _check_bool(self.step_cap, "train.step_cap")
         _check_bool(self.checkpoint_layers, "train.checkpoint_layers")
@@ -240,7 +238,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
-            raise ConfigError("data source is empty; accepted: a datasets name such as 'wikitext2' or 'file:<path>'")
+            raise ConfigError("source", "data source is empty", "a datasets name such as 'wikitext2' or 'file:<path>'")
         _check_int(self.samples, "samples", 1)
         _check_int(self.seq_len, "seq_len", 8, 1 << 20)
         _check_int(self.max_windows, "max_windows", 0)
@@ -273,29 +271,29 @@ class SpinQuantConfig:
         if isinstance(tasks, str):
             tasks = tuple(t for t in tasks.split(",") if t.strip())
         if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t.strip() for t in tasks):
-            raise ConfigError(f"zero_shot_tasks={tasks!r} is not valid; accepted: a list of lm-eval task names")
+            raise ConfigError("zero_shot_tasks", f"zero_shot_tasks={tasks!r} is not valid", "a list of lm-eval task names")
         object.__setattr__(self, "zero_shot_tasks", tuple(t.strip() for t in tasks))
         _check_int(self.seed, "seed", 0, 2**63 - 1)
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device={self.device!r} is not valid; accepted: auto, cpu, cuda")
+            raise ConfigError("device", f"device={self.device!r} is not valid", "auto, cpu, cuda")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype={self.dtype!r} is not valid; accepted: auto, float32, bfloat16, float16")
+            raise ConfigError("dtype", f"dtype={self.dtype!r} is not valid", "auto, float32, bfloat16, float16")
         _check_in(self.placement, PLACEMENTS, "placement")
         if self.placement == "layers" and self.rotation.r1r2 is Rotation.LEARNED and not self.train.checkpoint_layers:
-            raise ConfigError("placement='layers' learns with each layer recomputed in backward; accepted: "
+            raise ConfigError("placement", "placement='layers' learns with each layer recomputed in backward",
                               "train.checkpoint_layers=true (the default) with placement layers")
         if self.placement == "layers" and self.zero_shot_tasks:
-            raise ConfigError("placement='layers' cannot run zero-shot tasks; accepted: placement auto or whole, "
-                              "or no zero_shot_tasks")
+            raise ConfigError("placement", "placement='layers' cannot run zero-shot tasks",
+                              "placement auto or whole, or no zero_shot_tasks")
         if self.version != CONFIG_VERSION:
-            raise ConfigError(f"config version {self.version} is not supported; this build reads {CONFIG_VERSION}")
+            raise ConfigError("version", f"config version {self.version} is not supported; this build reads {CONFIG_VERSION}")
         rot = self.rotation.r1r2
         if rot is Rotation.NONE and self.rotation.r4 not in ("auto", "none"):
-            raise ConfigError("rotation.r4 needs rotation.r1r2 'random' or 'learned' (norms are folded only then)")
+            raise ConfigError("rotation.r4", "rotation.r4 needs rotation.r1r2 'random' or 'learned' (norms are folded only then)")
         if rot is Rotation.NONE and self.rotation.r3 == "on":
-            raise ConfigError("rotation.r3='on' needs rotation.r1r2 'random' or 'learned'")
+            raise ConfigError("rotation.r3", "rotation.r3='on' needs rotation.r1r2 'random' or 'learned'")
         if self.weights.bits == 16 and self.activations.bits == 16 and self.kv.bits == 16:
-            raise ConfigError("nothing to quantize: w_bits, a_bits and kv_bits are all 16")
+            raise ConfigError(None, "nothing to quantize: w_bits, a_bits and kv_bits are all 16")
 
     # -- derived settings (one place decides them) --------------------------------------------
     @property
@@ -434,11 +432,11 @@ _SECTIONS: dict[str, type] = {
 def _build(cls: type, data: Any, where: str) -> Any:
     """Rebuild a (nested) dataclass from plain data; unknown keys are errors, not silently dropped."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be an object, got {type(data).__name__}")
+        raise ConfigError(where.rstrip(".") or None, f"{where or 'config'} must be an object, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(where + k for k in unknown)}; accepted: {', '.join(known)}")
+        raise ConfigError(where + unknown[0], f"unknown setting(s) {', '.join(where + k for k in unknown)}", ", ".join(known))
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         sub: type | None = None
@@ -450,7 +448,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
     try:
         return cls(**kwargs)
     except TypeError as exc:  # e.g. a number where an object belongs
-        raise ConfigError(f"invalid {where or 'config'}: {exc}") from None
+        raise ConfigError(where.rstrip(".") or None, f"invalid {where or 'config'}: {exc}") from None
+    except ConfigError as exc:  # a section's own check names its field without the section (DataConfig: calib/eval)
+        if exc.field is None or not where or exc.field.startswith(where):
+            raise
+        raise ConfigError(where + exc.field, exc.message, exc.accepted) from None
 
 
 def make_config(method: str | Method = Method.SPINQUANT, **overrides: Any) -> SpinQuantConfig:
@@ -474,7 +476,7 @@ def make_config(method: str | Method = Method.SPINQUANT, **overrides: Any) -> Sp
             continue
         if key == "settings":
             if not isinstance(value, dict):
-                raise ConfigError("settings must be an object of dotted names to values")
+                raise ConfigError("settings", "settings must be an object of dotted names to values")
             dotted.update(value)
             continue
         if key in ("seed", "device", "dtype", "zero_shot_tasks", "placement"):
@@ -482,7 +484,7 @@ def make_config(method: str | Method = Method.SPINQUANT, **overrides: Any) -> Sp
             continue
         if key not in ALIASES:
             accepted = ", ".join(sorted([*ALIASES, "seed", "device", "dtype", "zero_shot_tasks", "placement", "settings"]))
-            raise ConfigError(f"unknown setting {key!r}; accepted: {accepted}")
+            raise ConfigError(key, f"unknown setting {key!r}", accepted)
         targets = ALIASES[key]
         for path in targets if isinstance(targets, tuple) else (targets,):
             dotted[path] = value
@@ -491,10 +493,10 @@ def make_config(method: str | Method = Method.SPINQUANT, **overrides: Any) -> Sp
         parts = path.split(".")
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
-                raise ConfigError(f"unknown setting {path!r}")
+                raise ConfigError(path, f"unknown setting {path!r}")
             node = node[p]
         if parts[-1] not in node:
-            raise ConfigError(f"unknown setting {path!r}; accepted under {'.'.join(parts[:-1]) or 'config'}: "
+            raise ConfigError(path, f"unknown setting {path!r}; accepted under {'.'.join(parts[:-1]) or 'config'}: "
                               f"{', '.join(node)}")
         node[parts[-1]] = value.value if isinstance(value, enum.Enum) else value
     return _build(SpinQuantConfig, data, "")
@@ -508,9 +510,9 @@ def config_to_dict(cfg: SpinQuantConfig) -> dict[str, Any]:
 def config_from_dict(payload: dict[str, Any]) -> SpinQuantConfig:
     """Inverse of :func:`config_to_dict`; only the allow-listed type and version are accepted."""
     if not isinstance(payload, dict) or payload.get("_type") != "SpinQuantConfig":
-        raise ConfigError("not a SpinQuantConfig payload (expected {_type: 'SpinQuantConfig', _version, _data})")
+        raise ConfigError(None, "not a SpinQuantConfig payload (expected {_type: 'SpinQuantConfig', _version, _data})")
     if payload.get("_version") != CONFIG_VERSION:
-        raise ConfigError(f"config version {payload.get('_version')!r} is not supported; expected {CONFIG_VERSION}")
+        raise ConfigError("version", f"config version {payload.get('_version')!r} is not supported; expected {CONFIG_VERSION}")
     return _build(SpinQuantConfig, payload.get("_data"), "")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import SpinQuantConfig, WeightAlgo
+from .config import SpinQuantConfig
 from .gptq import GPTQResult, HessianAccumulator, gptq_quantize, rtn_quantize
 from .memory import release_free_memory
 from .models import DecoderLM, QuantRuntime, decoder_linears, layer_prefix, quant_input
@@ -77,7 +77,7 @@ def quantize_weights(
     place = placement or Placement(str(model.lm_head.weight.device))
     results: dict[str, GPTQResult] = {}
     progress("quantize", 0.0, {"layer": 0, "of": arch.n_layers})  # marks the stage's start for timings
-    if cfg.weights.algo is WeightAlgo.RTN:
+    if not cfg.needs_calibration:  # RTN (convert runs only when weights are quantized)
         for i in range(arch.n_layers):
             check_cancel(should_cancel, f"quantizing layer {i + 1}/{arch.n_layers}")
             with visiting(model.model.layers[i], place):

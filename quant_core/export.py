@@ -22,41 +22,30 @@ never leaves a folder that looks finished.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 
+from .checksums import write_sums
 from .config import SpinQuantConfig, config_to_dict, vllm_serving_verdict
+from .errors import ConfigError
 from .formats import ExportError, check_formats
-from .hadamard import sylvester
+from .hadamard import HadamardPlan, sylvester
 from .models import decoder_linears, layer_prefix
-from .packing import gptq_qzeros, pack_gptq_qweight, pack_int4_rows, pack_int4_zero_points
+from .packing import INT4_OFFSET, gptq_qzeros, group_index, pack_gptq_qweight, pack_int4_rows, pack_int4_zero_points
+from .report import ExportFacts
 
 if TYPE_CHECKING:
     from .pipeline import QuantizeResult
 
 CT_VERSION = "0.20.0"  # the compressed-tensors version our interop tests decompress with
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_sha256sums(folder: Path) -> None:
-    """``<hex>  <relative path>`` for every file (sha256sum format), written last."""
-    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}"
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "SHA256SUMS"]
-    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
 def _weight_args(cfg: SpinQuantConfig) -> dict[str, Any]:
@@ -178,8 +167,7 @@ def _gptq_state(result: QuantizeResult) -> tuple[dict[str, torch.Tensor], dict[s
             except ValueError as exc:
                 raise ExportError(f"{prefix}: {exc}; use the default compressed-tensors format (--format ct)") from None
             state[prefix + ".scales"] = scales16.t().contiguous()  # (out, n_groups) -> (n_groups, out)
-            g_idx = torch.arange(in_f) // g if g > 0 else torch.zeros(in_f, dtype=torch.long)
-            state[prefix + ".g_idx"] = g_idx.to(torch.int32)
+            state[prefix + ".g_idx"] = group_index(in_f, g)
     for key, value in model.state_dict().items():
         if key != "inv_freq" and key not in linear_names:
             v = value.detach().cpu()
@@ -215,13 +203,13 @@ def _packed_state(result: QuantizeResult, r4_block: int | None = None) -> dict[s
             linear_names.add(prefix + ".weight")
             res = result.qweights[prefix]
             # compressed-tensors stores signed codes; our asymmetric codes are 0..15 with zero 0..15.
-            q = res.q.to(torch.int16) if cfg.weights.sym else res.q.to(torch.int16) - 8
+            q = res.q.to(torch.int16) if cfg.weights.sym else res.q.to(torch.int16) - INT4_OFFSET
             state[prefix + ".weight_packed"] = pack_int4_rows(q)
             state[prefix + ".weight_scale"] = res.scale.to(lin.weight.dtype).contiguous()
             state[prefix + ".weight_shape"] = torch.tensor(list(lin.weight.shape), dtype=torch.int64)
             if not cfg.weights.sym:
                 assert res.zero is not None
-                state[prefix + ".weight_zero_point"] = pack_int4_zero_points(res.zero.round().to(torch.int16) - 8)
+                state[prefix + ".weight_zero_point"] = pack_int4_zero_points(res.zero.round().to(torch.int16) - INT4_OFFSET)
             if _weight_args(cfg)["actorder"] == "group":
                 state[prefix + ".weight_g_idx"] = res.g_idx.to(torch.int32)
     for key, value in model.state_dict().items():
@@ -251,8 +239,8 @@ def _write_sidecar(folder: Path, result: QuantizeResult, transform: bool) -> Non
     (folder / "SERVE.md").write_text(serve_markdown(result.cfg, transform, folder.name))
 
 
-def export_checkpoint(result: QuantizeResult, out_dir: Path, formats: Any = ("ct",)) -> int:
-    """Write the job folder atomically; returns the bytes of the model folder (gptq/ when only GPTQ).
+def export_checkpoint(result: QuantizeResult, out_dir: Path, formats: Any = ("ct",)) -> QuantizeResult:
+    """Write the job folder atomically; returns the result with its export facts (its report says the bytes).
 
     Args:
         formats: any of "ct" (compressed-tensors, model/) and "gptq" (GPTQ v1, gptq/); "both" for both.
@@ -263,61 +251,66 @@ def export_checkpoint(result: QuantizeResult, out_dir: Path, formats: Any = ("ct
     out_dir = Path(out_dir)
     formats = check_formats(result.cfg, formats, result.runtime is not None and result.runtime.r4 is not None)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not empty; choose a new --out folder")
-    cfg, arch = result.cfg, result.arch
+        raise ConfigError("out", f"{out_dir} already exists and is not empty; choose a new --out folder")
+    t0 = time.perf_counter()
+    cfg = result.cfg
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         src_cfg = json.loads((result.source_path / "config.json").read_text())
         src_cfg["tie_word_embeddings"] = False  # lm_head is a separate copy (rotated, norm folded)
         r4 = result.runtime.r4 if result.runtime is not None else None
-        sizes: dict[str, int] = {}
         folders: list[Path] = []
+        gptq_facts: dict[str, Any] | None = None
         if "ct" in formats:
-            mdir = tmp / "model"
-            mdir.mkdir()
-            if r4 is not None and r4.mode != "block":
-                # The full K*2^m R4 has no compressed-tensors description; our runtime still runs it.
-                r4_block = None
-            else:
-                r4_block = r4.block if r4 is not None else None
-            save_file(_packed_state(result, r4_block), str(mdir / "model.safetensors"), metadata={"format": "pt"})
-            ct_cfg = dict(src_cfg, quantization_config=quantization_config(cfg, arch.head_dim, r4_block))
-            (mdir / "config.json").write_text(json.dumps(ct_cfg, indent=2))
-            _write_sidecar(mdir, result, r4 is not None)
-            folders.append(mdir)
+            folders.append(_write_ct(result, tmp / "model", src_cfg, r4))
         if "gptq" in formats:
-            gdir = tmp / "gptq"
-            gdir.mkdir()
-            gstate, facts = _gptq_state(result)
-            save_file(gstate, str(gdir / "model.safetensors"), metadata={"format": "pt"})
-            qc = gptq_quantization_config(cfg)
-            g_cfg = dict(src_cfg, quantization_config=qc)
-            for key in ("dtype", "torch_dtype"):
-                if key in g_cfg or key == "dtype":
-                    g_cfg[key] = "float16"
-            (gdir / "config.json").write_text(json.dumps(g_cfg, indent=2))
-            (gdir / "quantize_config.json").write_text(json.dumps(qc, indent=2))
-            _write_sidecar(gdir, result, False)
+            gdir, gptq_facts = _write_gptq(result, tmp / "gptq", src_cfg)
             folders.append(gdir)
-            result.report["gptq_export"] = facts
+        facts = ExportFacts(
+            seconds=0.0,
+            bytes_by_folder={f.name: sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) for f in folders},
+            # the command in each folder's serve.sh, also in the report so a UI can show it without a download
+            serve_commands={f.name: serve_command(cfg, r4 is not None and f.name == "model", f.name).strip()
+                            for f in folders},
+            gptq_export=gptq_facts)
+        done = dataclasses.replace(result, export=dataclasses.replace(facts, seconds=time.perf_counter() - t0))
+        text = json.dumps(done.report, indent=2)
         for f in folders:
-            sizes[f.name] = sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
-        size = sizes.get("model", sizes.get("gptq", 0))
-        result.report["checkpoint_bytes"] = size
-        if len(sizes) > 1:
-            result.report["checkpoint_bytes_by_folder"] = sizes
-        result.report["serving"] = {"vllm": vllm_serving_verdict(cfg)}
-        # The command in each folder's serve.sh, also in the report so a UI can show it without a download.
-        result.report["serve_commands"] = {
-            f.name: serve_command(cfg, r4 is not None and f.name == "model", f.name).strip() for f in folders}
-        for f in folders:
-            (f / "eval_report.json").write_text(json.dumps(result.report, indent=2))
-        write_sha256sums(tmp)
+            (f / "eval_report.json").write_text(text)
+        write_sums(tmp)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return size
+    return done
+
+
+def _write_ct(result: QuantizeResult, mdir: Path, src_cfg: dict[str, Any], r4: HadamardPlan | None) -> Path:
+    """model/: compressed-tensors pack-quantized weights, config.json with its quantization_config, sidecar."""
+    mdir.mkdir()
+    # The full K*2^m R4 has no compressed-tensors description; our runtime still runs it.
+    r4_block = (r4.block if r4.mode == "block" else None) if r4 is not None else None
+    save_file(_packed_state(result, r4_block), str(mdir / "model.safetensors"), metadata={"format": "pt"})
+    ct_cfg = dict(src_cfg, quantization_config=quantization_config(result.cfg, result.arch.head_dim, r4_block))
+    (mdir / "config.json").write_text(json.dumps(ct_cfg, indent=2))
+    _write_sidecar(mdir, result, r4 is not None)
+    return mdir
+
+
+def _write_gptq(result: QuantizeResult, gdir: Path, src_cfg: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """gptq/: GPTQ v1 (AutoGPTQ/GPTQModel/vLLM's gptq kernels) in float16, with quantize_config.json."""
+    gdir.mkdir()
+    gstate, facts = _gptq_state(result)
+    save_file(gstate, str(gdir / "model.safetensors"), metadata={"format": "pt"})
+    qc = gptq_quantization_config(result.cfg)
+    g_cfg = dict(src_cfg, quantization_config=qc)
+    for key in ("dtype", "torch_dtype"):
+        if key in g_cfg or key == "dtype":
+            g_cfg[key] = "float16"
+    (gdir / "config.json").write_text(json.dumps(g_cfg, indent=2))
+    (gdir / "quantize_config.json").write_text(json.dumps(qc, indent=2))
+    _write_sidecar(gdir, result, False)
+    return gdir, facts

@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from .config import SpinQuantConfig
+from .errors import ExportError as ExportError
 
 FORMATS: dict[str, str] = {"ct": "model", "gptq": "gptq"}  # format -> folder in the job
 
 
-class ExportError(ValueError):
-    """A setting the requested format cannot hold; the message says what it accepts."""
 
 
 def gptq_refusals(cfg: SpinQuantConfig, online_r4: bool) -> list[str]:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 # The private elementwise maps are shared on purpose: GPTQ's in-loop rounding must be
 # the exact map the exporter and fake quantization use, not a lookalike.
+from .packing import group_index
 from .quantizers import (
     _check_weight_args,
     _dequant_elem,
@@ -279,8 +280,7 @@ def rtn_quantize(
         W, bits=bits, group_size=group_size, sym=sym, mse_clip=mse_clip, scale_dtype=scale_dtype
     )
     q = quantize_weight(W, scale, zero, bits=bits, group_size=group_size, sym=sym)
-    g = n_in if group_size == -1 else group_size
-    g_idx = (torch.arange(n_in, device=W.device) // g).to(torch.int32)
+    g_idx = group_index(n_in, group_size).to(W.device)
     weight = dequantize_weight_gidx(q, scale, zero, g_idx, sym=sym, dtype=torch.float32)
     loss = 0.5 * float((W - weight).pow(2).sum().item())
     return GPTQResult(weight, q, scale, zero, g_idx, None, loss)

@@ -44,19 +44,49 @@ def rss_bytes(field: str = "VmRSS") -> int:
     return int(m.group(1)) * 1024
 
 
-def release_free_memory() -> None:
-    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``): the heap keeps what a stage freed
-    (torch's CPU tensors come from malloc), so without this a later stage's resident set still holds an earlier
-    stage's peak. A no-op off glibc."""
+def _libc() -> Any:
+    """glibc, or False where there is none (musl, macOS): every allocator call here is then a no-op."""
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim  # noqa: B018 (glibc only)
+            _LIBC.mallopt  # noqa: B018
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``): the heap keeps what a stage freed
+    (torch's CPU tensors come from malloc), so without this a later stage's resident set still holds an earlier
+    stage's peak. A no-op off glibc."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+# mallopt(3) parameters and the values tune_allocator sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+ALLOCATOR_SETTINGS = {"mmap_threshold": 1 << 20, "trim_threshold": 1 << 20, "arena_max": 2}
+
+
+def tune_allocator() -> bool:
+    """Keep a CPU job's resident set near its live tensors (glibc; False, changing nothing, elsewhere).
+
+    glibc raises its mmap threshold every time a large mmapped block is freed (up to 32 MiB), so after the first
+    stage most activation-sized tensors (a few MiB) come from the heap, whose freed holes stay resident: on
+    SmolLM2-135M in float32 the resident set reached 2.7x the live tensors while learning. A fixed 1 MiB
+    threshold serves every larger tensor by mmap, returned to the OS the moment it is freed; two arenas (not
+    8 per core) bound the small allocations' spread. The CLI and the worker call this once at start; it is a
+    process setting, so the library never changes it on its own. CUDA memory is not affected."""
+    libc = _libc()
+    if not libc:
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, ALLOCATOR_SETTINGS["mmap_threshold"]),
+        (_M_TRIM_THRESHOLD, ALLOCATOR_SETTINGS["trim_threshold"]),
+        (_M_ARENA_MAX, ALLOCATOR_SETTINGS["arena_max"])))
 
 
 def _reset_rss_peak() -> bool:
@@ -110,4 +140,4 @@ class StageMeter:
                 "resettable": self.resettable, "stages": {k: round(v / MiB, 1) for k, v in self.peaks.items()}}
 
 
-__all__ = ["StageMeter", "release_free_memory", "rss_bytes"]
+__all__ = ["ALLOCATOR_SETTINGS", "StageMeter", "release_free_memory", "rss_bytes", "tune_allocator"]

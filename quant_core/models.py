@@ -26,16 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ModelError as ModelError
 from .hadamard import HadamardPlan, apply_plan
 from .quantizers import fake_quant_act
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded or is not supported; the message says what is accepted."""
 
 
 @dataclass(frozen=True)
@@ -405,7 +402,7 @@ def resolve_model(model: str, revision: str | None = None, cache_dir: str | None
         )
     except ModelError:
         raise
-    except Exception as exc:  # network, auth, missing repo: one clear message, no traceback
+    except (OSError, ValueError) as exc:  # network, auth, missing repo (the hub's errors are OSError), bad id
         raise ModelError(f"could not download {model!r} from the Hugging Face hub: {type(exc).__name__}: {exc}") from None
     return ModelSource(path=Path(path), model_id=model, revision=info.sha, config=_read_config(Path(path)))
 
@@ -451,7 +448,7 @@ def weight_files(path: Path) -> list[Path]:
 def load_model(src: ModelSource | str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DecoderLM:
     """Build the model on the meta device and assign the checkpoint tensors; tied embeddings are untied
     into a separate lm_head copy (SQ#13), so the final-norm fold and R1 never touch the embedding twice."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not isinstance(src, ModelSource):
         src = resolve_model(str(src))
@@ -469,7 +466,7 @@ def load_model(src: ModelSource | str | Path, *, dtype: torch.dtype = torch.floa
                 # copied out, so loading peaks at the model plus one tensor, not the model plus the whole file.
                 with safe_open(str(f), framework="pt", device="cpu") as fh:
                     state[key] = fh.get_tensor(key).to(dtype)
-        except Exception as exc:
+        except (OSError, SafetensorError) as exc:  # truncated or malformed file
             raise ModelError(f"cannot read {f.name}: {exc}") from None
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         if not arch.tied:

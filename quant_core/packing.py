@@ -33,7 +33,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "INT4_OFFSET",
     "gptq_qzeros",
+    "group_index",
     "pack_gptq_qweight",
     "pack_int4_rows",
     "pack_int4_zero_points",
@@ -48,6 +50,16 @@ _OFFSET = 8  # signed [-8, 7] <-> unsigned [0, 15]
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+INT4_OFFSET = 8  # stored nibble u = signed code q + 8; our asymmetric quantizer's codes are u themselves
+
+
+def group_index(in_features: int, group_size: int) -> Tensor:
+    """(in_features,) int32: the scale group of each input column (``g_idx``): col // g, or 0 per channel."""
+    if group_size > 0:
+        return (torch.arange(in_features) // group_size).to(torch.int32)
+    return torch.zeros(in_features, dtype=torch.int32)
 
 
 def _check_int_matrix(t: Tensor, name: str) -> None:

@@ -36,11 +36,12 @@ def pick_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     index = device.removeprefix("cuda:")
     if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and index.isdigit()):
-        raise ConfigError(f"device={device!r} is not valid; accepted: auto, cpu, cuda, cuda:N")
+        raise ConfigError("device", f"device={device!r} is not valid", "auto, cpu, cuda, cuda:N")
     if device != "cpu" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was requested but no CUDA device is available; accepted here: cpu, auto")
+        raise ConfigError("device", f"device={device!r} was requested but no CUDA device is available; accepted here: "
+                          "cpu, auto")
     if device.startswith("cuda:") and int(index) >= torch.cuda.device_count():
-        raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+        raise ConfigError("device", f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 

@@ -57,6 +57,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     tied: bool
+    qkv_bias: bool = False  # Qwen2 (always) and Llama with attention_bias: q/k/v carry a bias vector
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Shape:
@@ -65,17 +66,23 @@ class Shape:
         return cls(vocab=int(cfg["vocab_size"]), hidden=hidden, ff=int(cfg["intermediate_size"]),
                    layers=int(cfg["num_hidden_layers"]), heads=heads,
                    kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                   head_dim=int(cfg.get("head_dim") or hidden // heads), tied=bool(cfg.get("tie_word_embeddings")))
+                   head_dim=int(cfg.get("head_dim") or hidden // heads), tied=bool(cfg.get("tie_word_embeddings")),
+                   qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")))
 
     @property
     def layer_params(self) -> int:
         d, ff, qd, kvd = self.hidden, self.ff, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        # q, k, v, o + gate, up, down + two RMSNorm weights
-        return d * qd + 2 * d * kvd + qd * d + 3 * d * ff + 2 * d
+        # q, k, v, o + gate, up, down + two RMSNorm weights (+ the q/k/v biases)
+        return d * qd + 2 * d * kvd + qd * d + 3 * d * ff + 2 * d + self._bias_params
+
+    @property
+    def _bias_params(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
 
     @property
     def linear_params(self) -> int:
-        return self.layers * (self.layer_params - 2 * self.hidden)
+        """The linears' weight matrices alone (what weight quantization packs)."""
+        return self.layers * (self.layer_params - 2 * self.hidden - self._bias_params)
 
     @property
     def params(self) -> int:

@@ -17,18 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from .checksums import SUMS, sums_problems
 from .config import ConfigError, SpinQuantConfig, config_from_dict
-from .export import sha256_file
+from .errors import CheckpointError as CheckpointError
 from .models import ArchSpec, DecoderLM, ModelError, arch_from_config, rope_inv_freq
-from .packing import unpack_int4_rows, unpack_int4_zero_points
+from .packing import INT4_OFFSET, group_index, unpack_int4_rows, unpack_int4_zero_points
 from .placement import pick_device
 from .quantizers import dequantize_weight_gidx
-
-
-class CheckpointError(ValueError):
-    """A truncated, corrupted, tampered or incomplete checkpoint; the message names the bad file."""
 
 
 def _folders(path: Path) -> tuple[Path, Path]:
@@ -43,25 +40,11 @@ def _folders(path: Path) -> tuple[Path, Path]:
 
 def verify_checksums(root: Path) -> None:
     """Every file listed in SHA256SUMS exists and matches; files not listed are refused too."""
-    sums = root / "SHA256SUMS"
-    if not sums.is_file():
-        raise CheckpointError(f"{root} has no SHA256SUMS; refusing to load an unverified checkpoint")
-    listed: dict[str, str] = {}
-    for n, line in enumerate(sums.read_text().splitlines(), 1):
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64:
-            raise CheckpointError(f"SHA256SUMS line {n} is malformed: {line[:80]!r}")
-        listed[name] = digest
-    for name, digest in listed.items():
-        f = root / name
-        if not f.is_file():
-            raise CheckpointError(f"{name} is listed in SHA256SUMS but missing (truncated checkpoint?)")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{name} does not match its SHA256SUMS entry (corrupted or modified)")
-    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and p.name != "SHA256SUMS" and p.relative_to(root).as_posix() not in listed)
-    if extra:
-        raise CheckpointError(f"files not covered by SHA256SUMS: {', '.join(extra[:5])}")
+    if not (root / SUMS).is_file():
+        raise CheckpointError(f"{root} has no {SUMS}; refusing to load an unverified checkpoint")
+    problems = sums_problems(root)
+    if problems:
+        raise CheckpointError("; ".join(problems))
 
 
 def _read_json(f: Path) -> Any:
@@ -118,18 +101,16 @@ def load(path: str | Path, *, device: str = "cpu", verify: bool = True,
                 q = unpack_int4_rows(fh.get_tensor(prefix + ".weight_packed"), in_f).to(torch.int16)
                 zero = None
                 if not cfg.weights.sym:
-                    zero = unpack_int4_zero_points(fh.get_tensor(prefix + ".weight_zero_point"), out_f).float() + 8
-                    q = q + 8  # back to our unsigned asymmetric codes
+                    zero = unpack_int4_zero_points(fh.get_tensor(prefix + ".weight_zero_point"), out_f).float() + INT4_OFFSET
+                    q = q + INT4_OFFSET  # back to our unsigned asymmetric codes
                 g = cfg.weights.group_size
                 if prefix + ".weight_g_idx" in keys:
                     g_idx = fh.get_tensor(prefix + ".weight_g_idx")
                 else:
-                    g_idx = (torch.arange(in_f) // g if g > 0 else torch.zeros(in_f, dtype=torch.long)).to(torch.int32)
+                    g_idx = group_index(in_f, g)
                 state[key] = dequantize_weight_gidx(q, scale, zero, g_idx, sym=cfg.weights.sym, dtype=torch.float32).to(dtype)
                 codes[prefix] = (q, scale)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # truncated header, wrong dtypes, bad shapes
+    except (OSError, SafetensorError, KeyError, RuntimeError) as exc:  # truncated header, missing tensor, bad shapes
         raise CheckpointError(f"model.safetensors cannot be read: {type(exc).__name__}: {exc}") from None
     for key, t in state.items():
         if t.shape != shapes[key]:
@@ -188,7 +169,7 @@ class Int4Linear(torch.nn.Module):
         assert q.ndim == 2 and group in INT4_GROUPS and q.shape[1] % group == 0, (tuple(q.shape), group)
         self.out_features, self.in_features, self.group = q.shape[0], q.shape[1], group
         self.cuda_kernel = torch.device(device).type == "cuda"
-        u = (q.to(torch.int32) + 8).contiguous()  # (out, in) unsigned 0..15
+        u = (q.to(torch.int32) + INT4_OFFSET).contiguous()  # (out, in) unsigned 0..15
         if self.cuda_kernel:
             u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)  # (out, in) -> (out, in/2)
             packed = torch.ops.aten._convert_weight_to_int4pack(u8.to(device), cuda_inner_k_tiles(self.in_features))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validate the deployment files without a Docker engine (CI, developers; tests/test_deploy.py runs it):
+# Validate the deployment files without a Docker engine (CI, developers; tests/deploy/test_deploy.py runs it):
 #   1. `docker compose config -q` on docker-compose.yml alone, with docker-compose.gpus.yml, and with the
 #      monitoring profile, all with dummy secrets; and with no secrets, which must be refused.
 #   2. hadolint with .hadolint.yaml on docker/api.Dockerfile and docker/worker.Dockerfile.

@@ -3,7 +3,7 @@
 Starts Redis, the API and one worker (scripts/stack.py) under runs/demo-stack, uploads the fixture
 texts, submits a SpinQuant W4A4KV4 job, follows its Server-Sent Events with a progress bar, downloads
 every artifact into runs/demo/checkpoint, verifies the sha256 of each (the API's value and the
-checkpoint's SHA256SUMS), prints the report, and stops the stack. It uses the `spinquant` client library (api.client: HTTP only);
+checkpoint's SHA256SUMS), prints the report, and stops the stack. It uses the client library (spinquant_client: HTTP only);
 ``--runtime-check`` then reloads the checkpoint with ``python -m quant_core eval`` (torch, a subprocess).
 
 Exit status: 0 success, 1 job failed or cancelled, 2 checksum mismatch or setup error, 130 interrupted.
@@ -21,8 +21,9 @@ import time
 import uuid
 from typing import Any
 
-from api.client import ChecksumMismatch, Client, ClientError
-from api.client_cli import BarProgress, LineProgress
+from spinquant_client.cli import BarProgress, LineProgress
+from spinquant_client.client import ChecksumMismatch, Client, ClientError
+
 from scripts.stack import ROOT, Stack
 
 STACK_DIR = ROOT / "runs" / "demo-stack"

@@ -28,7 +28,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(check: object, what: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_until(check: object, what: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll ``check()`` until it is true; a dead ``proc`` or the deadline fails at once with the tail of ``log``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -94,7 +95,7 @@ class Stack:
         import redis
 
         client = redis.Redis.from_url(self.redis_url)
-        _wait(client.ping, "redis-server", 20, proc, self.root / "redis.log")
+        wait_until(client.ping, "redis-server", 20, proc, self.root / "redis.log")
 
     def start_api(self) -> None:
         py = sys.executable
@@ -106,7 +107,7 @@ class Stack:
             with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                 return r.status == 200
 
-        _wait(ready, "API", 60, proc, self.root / "api.log")
+        wait_until(ready, "API", 60, proc, self.root / "api.log")
 
     def start_worker(self, name: str = "gpu0") -> subprocess.Popen:
         py = sys.executable
@@ -114,7 +115,7 @@ class Stack:
             py, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1", "-n", f"{name}@%h",
             "--prefetch-multiplier=1", "--max-tasks-per-child=1", "--pool=prefork", "--loglevel=INFO",
             f"--statedb={self.root / (name + '.state')}"])
-        _wait(lambda: "ready." in (self.root / f"worker-{name}.log").read_text(), "celery worker", 90, proc,
+        wait_until(lambda: "ready." in (self.root / f"worker-{name}.log").read_text(), "celery worker", 90, proc,
               self.root / f"worker-{name}.log")
         return proc
 

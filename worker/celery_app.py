@@ -13,10 +13,8 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
-from api.queue import celery_config
-from api.settings_shared import UnknownSetting
-
-from .settings import get_settings
+from service.queue import celery_config
+from service.settings import UnknownSetting, worker_settings
 
 app = Celery("spinquant-worker", include=["worker.tasks"])
 
@@ -26,7 +24,7 @@ def _configure(sender: Celery, **_: Any) -> None:
     """Settings are read when Celery first needs its configuration (worker start), not when this module is
     imported: importing it (tests, tooling) never exits the process."""
     try:
-        settings = get_settings()
+        settings = worker_settings()
     except (ValidationError, UnknownSetting) as exc:  # one clear message at startup, no traceback
         sys.exit(f"error: bad SPINQUANT_* setting for the worker: {exc}")
     sender.conf.update(celery_config(settings.redis_url))

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
-from api import live
-from api.db import Job
+from service import live
+from service.db import Job
 
 STAGE_ORDER = ("load", "evaluate_fp", "prepare", "learn", "quantize", "evaluate", "export")
 # Typical shares of a job's time (the paper's 8B runs: learning dominates, GPTQ next).

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from redis import Redis
 from sqlalchemy import update
 
-from api import live
-from api.crud import RequestError, resolve_local, text_key
-from api.db import (
+from service import live
+from service.db import (
     CANCELLED,
     FAILED,
     QUEUED,
@@ -38,12 +37,13 @@ from api.db import (
     make_sessionmaker,
     utcnow,
 )
-from api.queue import QUANTIZE_TASK
-from api.storage import ArtifactStore, make_store
+from service.queue import QUANTIZE_TASK
+from service.settings import WorkerSettings, worker_settings
+from service.sources import model_location, text_key, upload_sha
+from service.storage import ArtifactStore, make_store
 
 from .celery_app import app
 from .progress import Publisher, stage_weights
-from .settings import WorkerSettings, get_settings
 
 log = logging.getLogger("worker.tasks")
 
@@ -64,24 +64,19 @@ class _Heartbeat(threading.Thread):
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
-    """(error code, message) for a failed job: bad input is the user's to fix, the rest is ours."""
-    from quant_core.calibration import DataError
-    from quant_core.config import ConfigError
-    from quant_core.formats import ExportError
-    from quant_core.models import ModelError
+    """(error code, message) for a failed job: bad input is the user's to fix (its UserError code), the rest is
+    ours ('internal', logged with its traceback)."""
+    from quant_core.errors import UserError
     from quant_core.progress import Cancelled
 
     if isinstance(exc, Cancelled):
         return "cancelled", str(exc)
-    if isinstance(exc, (ModelError, RequestError)):
-        return "bad_model", str(exc)
-    if isinstance(exc, DataError):
-        return "bad_data", str(exc)
-    if isinstance(exc, (ConfigError, ExportError)):
-        return "bad_config", str(exc)
+    if isinstance(exc, UserError):
+        return exc.code, str(exc)
     if isinstance(exc, SoftTimeLimitExceeded):
         return "timeout", "the job ran past its time limit"
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    torch = sys.modules.get("torch")  # a CUDA OOM can only come from a job that imported torch
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)):
         return "out_of_memory", f"out of memory: {exc}".strip()
     return "internal", f"{type(exc).__name__}: {exc}"
 
@@ -89,9 +84,10 @@ def classify(exc: BaseException) -> tuple[str, str]:
 def _resolve_sources(cfg: Any, store: ArtifactStore, work: Path) -> Any:
     """``upload:<sha256>`` data sources -> ``file:<path>`` of the stored text, for this run only."""
     def one(source: str, name: str) -> str:
-        if not source.startswith("upload:"):
+        sha = upload_sha(source)
+        if sha is None:
             return source
-        key = text_key(source.removeprefix("upload:"))
+        key = text_key(sha)
         path = store.local_path(key)
         if path is None:  # a remote store: copy the text into the job's scratch space
             path = work / f"{name}.txt"
@@ -168,28 +164,24 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
     try:
         # quant_core (and torch) only now, inside the forked child.
         from quant_core.config import config_from_dict
-        from quant_core.export import export_checkpoint
-        from quant_core.pipeline import quantize_model
+        from quant_core.pipeline import run
         from quant_core.progress import Cancelled
 
         cfg = config_from_dict(job.config)
-        learning = cfg.learning
-        pub = Publisher(redis=redis, sessions=sessions, job_id=job_id, weights=stage_weights(learning, cfg.rotating),
+        pub = Publisher(redis=redis, sessions=sessions, job_id=job_id, weights=stage_weights(cfg.learning, cfg.rotating),
                         db_interval_s=settings.db_write_interval_s)
-        model_path = (str(resolve_local(job.model.removeprefix("local:"), settings.models_dir))
-                      if job.model.startswith("local:") else job.model)
-        run_cfg = _resolve_sources(cfg, store, work)
-        result = quantize_model(model_path, run_cfg, revision=job.revision, progress=pub, should_cancel=should_cancel,
-                                cache_dir=str(settings.hub_cache_dir) if settings.hub_cache_dir else None)
-        result.cfg = cfg  # the carried config (upload:<sha> sources) is what ships beside the checkpoint
-        result.report["settings"] = job.config
-        result.report["eval"]["source"] = cfg.eval.source
-        result.report["model"]["id"] = job.model
-        t0 = time.perf_counter()
-        pub("export", 0.0, {})
-        export_checkpoint(result, work / "out", formats=job.formats)
-        result.report["timings_s"]["export"] = time.perf_counter() - t0
-        result.report["timings_s"]["total"] += result.report["timings_s"]["export"]
+        publisher = pub
+
+        def progress(stage: str, fraction: float, info: dict[str, Any]) -> None:
+            # the export stage is writing the folder (first half) and publishing it to the store (second half)
+            publisher(stage, fraction / 2 if stage == "export" else fraction, info)
+
+        # The same entry point as the CLI; the report records the job's own names: the carried config (texts as
+        # upload:<sha256>, not this worker's file paths) and local:<name>, not the models directory's path.
+        result = run(model_location(job.model, settings.models_dir), _resolve_sources(cfg, store, work),
+                     out=work / "out", formats=job.formats, record_cfg=cfg, model_id=job.model, revision=job.revision,
+                     progress=progress, should_cancel=should_cancel,
+                     cache_dir=str(settings.hub_cache_dir) if settings.hub_cache_dir else None)
         if should_cancel():
             raise Cancelled("cancelled during export")
         files = store.publish(prefix, work / "out")
@@ -229,7 +221,7 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
 @app.task(name=QUANTIZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def quantize(self: Any, job_id: str) -> str:
     """Run one quantization job by id (idempotent: a second delivery of a finished job does nothing)."""
-    settings = get_settings()
+    settings = worker_settings()
     outcome = run_job(job_id, settings=settings, hostname=self.request.hostname or "worker")
     if outcome == "locked":
         # Another delivery holds the lock: it is running, or its worker died and the lock will expire.

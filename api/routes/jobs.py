@@ -9,8 +9,11 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, 
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from .. import crud, live
-from ..db import TERMINAL, Job
+from service import live
+from service.db import TERMINAL, Job
+from service.storage import ArtifactStore, StoreError
+
+from .. import crud
 from ..deps import DbDep, OwnerDep, ServicesDep, get_owner
 from ..events import EVENT_ID, job_events
 from ..schemas import (
@@ -26,7 +29,6 @@ from ..schemas import (
     StageTiming,
     Status,
 )
-from ..storage import ArtifactStore, StoreError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such job for this token"}}

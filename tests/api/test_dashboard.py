@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import FAST, Api
 from tests.conftest import ROOT, TEST_TEXT, TRAIN_TEXT
+from tests.stack_helpers import FAST, Api
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium): "
                                                                "the dashboard's browser tests cannot run")

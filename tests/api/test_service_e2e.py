@@ -12,8 +12,8 @@ import pytest
 from quant_core.calibration import encode, eval_windows, load_text, load_tokenizer
 from quant_core.evaluate import perplexity
 from quant_core.runtime import load
-from tests.api.conftest import Api
 from tests.conftest import TEST_TEXT, TRAIN_TEXT
+from tests.stack_helpers import Api
 
 STAGES = ["load", "evaluate_fp", "prepare", "learn", "quantize", "evaluate", "export"]
 

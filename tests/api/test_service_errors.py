@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import Api
 from tests.conftest import TEST_TEXT
+from tests.stack_helpers import Api
 
 
 def _count(api: Api) -> int:
@@ -127,3 +127,18 @@ def test_openapi_documents_the_routes(api: Api) -> None:
         assert p in paths, p
     assert spec["components"]["schemas"]["JobCreate"]["examples"][0]["method"] == "spinquant"
     assert all(op.get("description") or op.get("summary") for path in paths.values() for op in path.values())
+
+
+@pytest.mark.parametrize("change, loc", [
+    ({"settings": {"steps": -1}}, ["body", "settings", "steps"]),  # flat name of train.steps
+    ({"settings": {"weights.gptq.damp": 0}}, ["body", "settings", "weights.gptq.damp"]),  # dotted
+    ({"settings": {"seq_len": 4}}, ["body", "settings", "seq_len"]),  # one flat name, two fields (calib, eval)
+    ({"settings": {"eval_windows": -1}}, ["body", "settings", "eval_windows"]),  # a DataConfig field under eval.
+    ({"settings": {"w_bits": 16, "a_bits": 16, "kv_bits": 16}}, ["body", "settings"]),  # no one field at fault
+    ({"method": "magic"}, ["body", "method"]),
+])
+def test_a_config_error_is_located_at_the_field_it_names(api: Api, body: dict, change: dict, loc: list) -> None:
+    """ConfigError carries its field; the API maps it to the request key that set it (no message parsing)."""
+    r = api.submit({**body, **change})
+    assert r.status_code == 422, r.text
+    assert [d["loc"] for d in r.json()["detail"]] == [loc], r.text

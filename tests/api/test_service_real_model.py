@@ -12,9 +12,9 @@ from quant_core.calibration import encode, eval_windows, load_text, load_tokeniz
 from quant_core.evaluate import perplexity
 from quant_core.runtime import load
 from scripts.stack import Stack
-from tests.api.conftest import Api
 from tests.conftest import REAL_MODEL_DTYPE, TEST_TEXT, TRAIN_TEXT
 from tests.fixtures import smollm2
+from tests.stack_helpers import Api
 
 
 @pytest.fixture(scope="module")

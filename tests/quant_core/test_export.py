@@ -191,7 +191,7 @@ def test_cli_device_is_checked(exported) -> None:
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.cpu_only
 def test_cli_cuda_without_a_cuda_device_is_refused(exported) -> None:
     _, out = exported
     r = subprocess.run([sys.executable, "-m", "quant_core", "eval", str(out), "--eval-text", str(TEST_TEXT),
@@ -200,7 +200,6 @@ def test_cli_cuda_without_a_cuda_device_is_refused(exported) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_int4_kernel_matches_the_report(bf16_w4a16) -> None:
     """On CUDA (sm80+) the linears run on tinygemm's int4 kernel; perplexity within 0.1% of the report."""
     from quant_core.runtime import Int4Linear

@@ -318,7 +318,6 @@ def test_random_hadamard_matrix_qr_fallback():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n", [172 * 64, 28 * 512, 4096])
 def test_cuda_matches_cpu(n):
     x = torch.randn(8, n, generator=_gen(12))

@@ -131,7 +131,6 @@ def test_bad_placement_is_refused() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_offload_has_one_layer_on_the_gpu_at_a_time() -> None:
     model = load_model(resolve_model(str(MODELS / "llama-tiny")))
     windows = torch.randint(4, 1024, (4, 128), generator=torch.Generator().manual_seed(2))
@@ -165,7 +164,6 @@ def test_plan_cli_prints_the_job_placement() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_offloaded_learning_step_has_one_layer_on_the_gpu_at_a_time() -> None:
     from quant_core.hadamard import random_hadamard_matrix
     from quant_core.learn import batch_loss, learning_hidden
@@ -199,8 +197,17 @@ def test_pick_device_refuses_names_it_does_not_know(name: str) -> None:
         pick_device(name)
 
 
-def test_pick_device_auto_and_a_missing_cuda_device() -> None:
-    assert pick_device("cpu") == "cpu"
-    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.cpu_only
+def test_without_cuda_auto_is_the_cpu_and_cuda_is_refused() -> None:
+    assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match="no CUDA device is available; accepted here: cpu, auto") as e:
+            pick_device(name)
+        assert e.value.field == "device"
+
+
+@pytest.mark.cuda
+def test_with_cuda_auto_is_the_gpu_and_a_missing_index_is_refused() -> None:
+    assert pick_device("auto") == "cuda" and pick_device("cuda:0") == "cuda:0"
     with pytest.raises(ConfigError, match="CUDA device"):
-        pick_device(f"cuda:{torch.cuda.device_count()}")  # one past the last (any, when there is none)
+        pick_device(f"cuda:{torch.cuda.device_count()}")  # one past the last

@@ -1,4 +1,5 @@
-"""python -m quant_core plan: per-stage memory from config.json, checked against a hand calculation."""
+"""python -m quant_core plan: per-stage memory from config.json, checked against the published parameter counts,
+the weights really on disk and (bench/real.py --sections memory, test_real_model.py) a real run's peaks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from quant_core.config import make_config
@@ -22,6 +24,24 @@ def _cfg(name: str) -> dict:
 def test_parameter_counts_match_the_published_models() -> None:
     assert Shape.from_config(_cfg("llama-3-8b")).params == 8_030_261_248
     assert Shape.from_config(_cfg("llama-3-70b")).params == 70_553_706_496
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "qwen2-tiny", "llama-massive"])
+def test_planned_weight_bytes_are_the_tensors_a_load_holds(name: str) -> None:
+    """The load term from config.json alone against the real file: every tensor's bytes at the plan's dtype,
+    plus the lm_head copy the loader makes for a tied model."""
+    from safetensors import safe_open
+
+    config = json.loads((MODELS / name / "config.json").read_text())
+    with safe_open(str(MODELS / name / "model.safetensors"), framework="pt") as fh:
+        shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+    numel = {k: int(np.prod(v)) for k, v in shapes.items() if not k.endswith("inv_freq")}
+    held = sum(numel.values())
+    if "lm_head.weight" not in numel:  # tied: the loader copies the embeddings into a separate lm_head
+        held += numel["model.embed_tokens.weight"]
+    for dtype, nbytes in (("float32", 4), ("bfloat16", 2)):
+        stages = stage_memory(Shape.from_config(config), make_config("quarot", w_bits=4), dtype)
+        assert stages["load"]["weights"] == held * nbytes
 
 
 def test_llama3_8b_fits_one_80gb_gpu_and_gptq_needs_offload_on_24gb() -> None:

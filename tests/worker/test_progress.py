@@ -7,8 +7,8 @@ import json
 import pytest
 from redis import Redis
 
-from api import live
-from api.db import Job, Token, make_engine, make_sessionmaker, migrate
+from service import live
+from service.db import Job, Token, make_engine, make_sessionmaker, migrate
 from worker.progress import STAGE_ORDER, Publisher, overall_fraction, stage_weights
 
 
@@ -26,7 +26,7 @@ def test_overall_fraction_rises_through_the_stages() -> None:
     assert overall_fraction(w, "learn", 0.5) == pytest.approx(sum(w[s] for s in STAGE_ORDER[:3]) + w["learn"] / 2)
 
 
-def test_publisher_writes_hash_stream_and_row(stack, tmp_path) -> None:
+def _job_row(tmp_path) -> tuple:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     migrate(url)
     sessions = make_sessionmaker(make_engine(url))
@@ -38,7 +38,30 @@ def test_publisher_writes_hash_stream_and_row(stack, tmp_path) -> None:
                   formats=["ct"], fingerprint="f" * 64, soft_limit_s=1, hard_limit_s=2, stage_times={})
         db.add(job)
         db.commit()
-        job_id = job.id
+        return sessions, job.id
+
+
+def test_eta_is_the_true_remaining_time_of_a_job_that_runs_at_its_weights(stack, tmp_path) -> None:
+    """A job whose stages take exactly their weight's share of 100 s: every ETA after the first 2% is the time
+    the simulated job really has left, and it ends at 0."""
+    sessions, job_id = _job_row(tmp_path)
+    w = stage_weights(True, True)
+    now = [0.0]
+    pub = Publisher(redis=Redis.from_url(stack.redis_url), sessions=sessions, job_id=job_id, weights=w,
+                    db_interval_s=1e9, clock=lambda: now[0])
+    checked = 0
+    for stage in STAGE_ORDER:
+        for i in range(1, 11):
+            now[0] += 100 * w[stage] / 10
+            pub(stage, i / 10, {})
+            if pub.eta is not None:
+                assert pub.eta == pytest.approx(100 - now[0], abs=1e-6), (stage, i)
+                checked += 1
+    assert now[0] == pytest.approx(100) and pub.eta == pytest.approx(0, abs=1e-6) and checked >= 60
+
+
+def test_publisher_writes_hash_stream_and_row(stack, tmp_path) -> None:
+    sessions, job_id = _job_row(tmp_path)
     redis = Redis.from_url(stack.redis_url)
     now = [1000.0]
     pub = Publisher(redis=redis, sessions=sessions, job_id=job_id, weights=stage_weights(True, True),
@@ -54,7 +77,6 @@ def test_publisher_writes_hash_stream_and_row(stack, tmp_path) -> None:
     assert state["stage"] == "learn" and state["step"] == 4 and state["loss"] == pytest.approx(2.6)
     w = stage_weights(True, True)
     assert state["progress"] == pytest.approx(overall_fraction(w, "learn", 1.0))
-    assert state["eta_s"] == pytest.approx(14 * (1 - state["progress"]) / state["progress"])
     events = [(f[b"type"].decode(), json.loads(f[b"data"])) for _, f in redis.xrange(live.events_key(job_id))]
     assert [d["stage"] for k, d in events if k == "stage"] == ["load", "evaluate_fp", "learn"]
     learn = [d for k, d in events if k == "progress" and d["stage"] == "learn"]

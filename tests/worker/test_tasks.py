@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from api import live
-from api.db import FAILED, QUEUED, RUNNING, SUCCEEDED, Artifact, Job, Token, make_engine, make_sessionmaker, migrate
-from api.queue import MAX_HARD_LIMIT_S, VISIBILITY_TIMEOUT_S, celery_config, time_limits
 from quant_core.config import config_to_dict, make_config
+from service import live
+from service.db import FAILED, QUEUED, RUNNING, SUCCEEDED, Artifact, Job, Token, make_engine, make_sessionmaker, migrate
+from service.queue import time_limits
+from service.settings import WorkerSettings
 from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
-from worker.settings import WorkerSettings
 from worker.tasks import run_job
 
 SMALL = dict(w_bits=4, a_bits=4, kv_bits=4, seq_len=128, steps=2, prefit_steps=10, train_samples=8, calib_samples=4, batch_size=2,
@@ -59,21 +59,26 @@ def _row(sessions, job_id: str) -> Job:
         return db.get(Job, job_id)
 
 
-def test_queue_settings_are_set_everywhere() -> None:
-    from worker.celery_app import app
+def test_the_running_worker_has_the_queue_rules(stack) -> None:
+    """QUEUE.md, read back from the stack's real Celery worker process (``inspect conf``): the visibility timeout
+    of 49 h in all three places (above the 48 h longest job), late acks, prefetch 1, a fresh child per job."""
+    from celery import Celery
 
-    conf = celery_config("redis://x")
-    for c in (conf, app.conf):
-        assert c["broker_transport_options"]["visibility_timeout"] == VISIBILITY_TIMEOUT_S
-        assert c["result_backend_transport_options"]["visibility_timeout"] == VISIBILITY_TIMEOUT_S
-        assert c["visibility_timeout"] == VISIBILITY_TIMEOUT_S
-        assert c["task_acks_late"] and c["task_reject_on_worker_lost"]
+    conf = Celery(broker=stack.redis_url).control.inspect(timeout=10).conf()
+    assert conf, "no worker answered"
+    for c in conf.values():
+        assert c["broker_transport_options"]["visibility_timeout"] == 49 * 3600
+        assert c["result_backend_transport_options"]["visibility_timeout"] == 49 * 3600
+        assert c["visibility_timeout"] == 49 * 3600
+        assert c["task_acks_late"] is True and c["task_reject_on_worker_lost"] is True
         assert c["worker_prefetch_multiplier"] == 1 and c["worker_max_tasks_per_child"] == 1
-        assert c["worker_cancel_long_running_tasks_on_connection_loss"]
-    assert VISIBILITY_TIMEOUT_S > MAX_HARD_LIMIT_S
+        assert c["worker_cancel_long_running_tasks_on_connection_loss"] is True
+
+
+def test_time_limits_grow_with_the_model_and_stay_under_the_visibility_timeout() -> None:
     for size in (None, 0, 10**8, 16 * 10**9, 10**12):
         soft, hard = time_limits(size)
-        assert 0 < soft < hard <= MAX_HARD_LIMIT_S < VISIBILITY_TIMEOUT_S
+        assert 0 < soft < hard <= 48 * 3600 < 49 * 3600
     assert time_limits(16 * 10**9)[0] > time_limits(10**9)[0]
 
 
@@ -133,7 +138,7 @@ def test_failures_are_classified(env, change: dict, code: str, words: str) -> No
 
 
 def test_killed_worker_child_is_redelivered_and_finishes(stack) -> None:
-    from tests.api.conftest import Api
+    from tests.stack_helpers import Api
 
     api = Api(stack, stack.token("kill"))
     job_id = api.submit(api.job_body(steps=40, seed=71)).json()["id"]
@@ -151,3 +156,37 @@ def test_killed_worker_child_is_redelivered_and_finishes(stack) -> None:
     assert job["attempts"] == 2
     statuses = [d for _, e, d in api.events(job_id) if e == "status"]
     assert [s.get("attempt") for s in statuses if s["status"] == "running"] == [1, 2]
+
+
+VOLATILE = ("timings_s", "peak_rss_mb", "memory_mb", "peak_gpu_mb")  # measured per process, never equal twice
+
+
+def test_worker_and_cli_write_the_same_report(env, tmp_path: Path) -> None:
+    """Both run quant_core.pipeline.run: the same settings give the same report (but for the seconds and bytes of
+    memory each process measures, and the model's name: the job's local:<name>, the CLI's folder)."""
+    import sys
+
+    settings, sessions, _, add_job = env
+    job_id = add_job()
+    assert run_job(job_id, settings=settings) == "succeeded"
+    worker_report = _row(sessions, job_id).report
+    flags = ["--w-bits", "4", "--a-bits", "4", "--kv-bits", "4", "--seq-len", "128", "--steps", "2",
+             "--train-samples", "8", "--calib-samples", "4", "--batch-size", "2", "--eval-windows", "4",
+             "--set", "train.prefit_steps=10", "--calib-text", str(TRAIN_TEXT), "--eval-text", str(TEST_TEXT)]
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "quant_core", "quantize", str(MODELS / "llama-tiny"), *flags, "--out", str(out),
+                        "--report-json", str(tmp_path / "report.json"), "--no-progress"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    cli_report = json.loads((tmp_path / "report.json").read_text())
+    assert cli_report == json.loads((out / "model" / "eval_report.json").read_text())  # printed = shipped
+
+    def stable(rep: dict) -> dict:
+        rotation = {k: v for k, v in rep["rotation"].items() if not k.endswith("_seconds")}  # the pre-fit's seconds
+        return {**{k: v for k, v in rep.items() if k not in VOLATILE}, "model": {**rep["model"], "id": None},
+                "rotation": rotation}
+
+    assert worker_report["model"]["id"] == "local:llama-tiny"
+    assert cli_report["model"]["id"] == str((MODELS / "llama-tiny").resolve())
+    assert stable(worker_report) == stable(cli_report)
+    assert set(worker_report["timings_s"]) == set(cli_report["timings_s"]) and worker_report["timings_s"]["export"] > 0

@@ -1,7 +1,10 @@
-"""Settings the API and the workers share (the same SPINQUANT_* names must mean the same on every host).
+"""The service's settings: one pydantic-settings class per process, env prefix SPINQUANT_.
 
-Each process still has its own settings class (api.settings.Settings, worker.settings.WorkerSettings);
-both inherit these fields and their checks, so the store and database settings cannot drift apart.
+``ApiSettings`` and ``WorkerSettings`` both inherit ``SharedSettings`` (the same SPINQUANT_* names mean the
+same on every host), so the store and database settings cannot drift apart. One env file usually serves both
+processes, so each accepts the other's names; any other SPINQUANT_* variable is refused by name
+(``check_environment``). Nothing here is read at import time: ``api_settings()``/``worker_settings()`` read
+the environment when a process starts.
 """
 
 from __future__ import annotations
@@ -9,20 +12,14 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "SPINQUANT_"
-# The settings of one server process or the other (API: api.settings.Settings, worker: worker.settings.WorkerSettings)
-# beyond SharedSettings' own. One env file usually serves both processes, so each accepts the other's names; a test
-# checks this list against the two classes.
-PROCESS_SETTINGS = frozenset({
-    "hub_check", "max_body_bytes", "max_jobs_listed", "sse_block_ms", "auto_migrate",  # API
-    "hub_cache_dir", "lock_ttl_s", "max_attempts", "db_write_interval_s",  # worker
-})
 # SPINQUANT_* variables that are no server setting: the client's, and the dev, test and deploy tools'.
 OTHER_VARIABLES = frozenset({
     "SPINQUANT_URL", "SPINQUANT_TOKEN", "SPINQUANT_IDEMPOTENCY_KEY",  # the spinquant client
@@ -46,7 +43,7 @@ class UnknownSetting(ValueError):
 def check_environment(environ: Mapping[str, str] | None = None) -> None:
     """Refuse an unknown SPINQUANT_* variable (names are case-insensitive, as pydantic-settings reads them)."""
     env = os.environ if environ is None else environ
-    valid = {PREFIX + f.upper() for f in (*SharedSettings.model_fields, *PROCESS_SETTINGS)} | OTHER_VARIABLES
+    valid = {PREFIX + f.upper() for f in (*ApiSettings.model_fields, *WorkerSettings.model_fields)} | OTHER_VARIABLES
     for key in sorted(env):
         name = key.upper()
         if name.startswith(PREFIX) and name not in valid:
@@ -92,3 +89,40 @@ class SharedSettings(BaseSettings):
             raise ValueError("set both SPINQUANT_S3_ACCESS_KEY_ID and SPINQUANT_S3_SECRET_ACCESS_KEY, or neither "
                              "(then boto3's default credential chain is used)")
         return self
+
+
+class ApiSettings(SharedSettings):
+    """The API process: unknown constructor keywords are refused too."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid")
+
+    hub_check: bool = True  # ask the Hugging Face hub whether a model id exists at submission
+    max_body_bytes: int = Field(default=64 << 20, ge=1024)  # larger request bodies get 413 (texts included)
+    max_jobs_listed: int = Field(default=200, ge=1)  # page size cap of GET /v1/jobs
+    sse_block_ms: int = Field(default=15000, ge=100)  # how long one XREAD waits before a keep-alive comment
+    auto_migrate: bool = True  # run Alembic migrations to head when the API starts
+
+
+class WorkerSettings(SharedSettings):
+    """A worker process (the API's names share the prefix: check_environment, not extra=, refuses strangers)."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
+
+    hub_cache_dir: Path | None = None  # Hugging Face download cache; None = the hub's default
+    lock_ttl_s: int = Field(default=120, ge=10)  # job lock lifetime; a heartbeat refreshes it every third
+    max_attempts: int = Field(default=2, ge=1)  # deliveries after which a job is failed as 'worker lost'
+    db_write_interval_s: float = Field(default=2.0, ge=0.0)  # progress rows are written at most this often
+
+
+@lru_cache
+def api_settings() -> ApiSettings:
+    """The API process's settings from the environment; UnknownSetting for a SPINQUANT_* name nothing reads."""
+    check_environment()
+    return ApiSettings()
+
+
+@lru_cache
+def worker_settings() -> WorkerSettings:
+    """A worker's settings from the environment; UnknownSetting for a SPINQUANT_* name nothing reads."""
+    check_environment()
+    return WorkerSettings()

@@ -5,7 +5,7 @@ few small RTN jobs on the fixture one after another, and hammers GET /v1/jobs/{i
 client threads. Prints a table and writes JSON. Absolute times here are noisy (2 shared cores);
 compare the rows with each other.
 
-    .venv/bin/python bench/service.py --json runs/bench/service.json
+    .venv/bin/python bench/service_load.py --json runs/bench/service.json
 """
 
 from __future__ import annotations

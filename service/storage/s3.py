@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
 
-from .storage import CHUNK, StoredFile, StoreError, check_range, sha256_of
+from quant_core.checksums import sha256_file
+
+from . import CHUNK, StoredFile, StoreError, check_range
 
 MARKER = ".complete"  # the completion marker's name inside a published prefix
 META = "spinquant-prefix"  # object metadata: the prefix a published file belongs to
@@ -147,7 +149,7 @@ class S3Store:
             name = p.relative_to(folder).as_posix()
             if name == MARKER:
                 raise StoreError(f"{folder} holds a file named {MARKER}, the store's completion marker")
-            files.append(StoredFile(name=name, key=f"{prefix}/{name}", bytes=p.stat().st_size, sha256=sha256_of(p)))
+            files.append(StoredFile(name=name, key=f"{prefix}/{name}", bytes=p.stat().st_size, sha256=sha256_file(p)))
             self.client.upload_file(str(p), self.bucket, self._obj(f"{prefix}/{name}"),
                                     ExtraArgs={"Metadata": {META: quote(prefix)}}, Config=self._transfer)
         body = json.dumps({"version": 1, "prefix": prefix,

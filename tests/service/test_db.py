@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import sessionmaker
 
 from api import auth
-from api.db import Artifact, Base, Job, Token, alembic_config, make_engine, make_sessionmaker, migrate
+from service.db import Artifact, Base, Job, Token, alembic_config, make_engine, make_sessionmaker, migrate
 
 PG_ENV = "SPINQUANT_TEST_POSTGRES_URL"
 TABLES = {"tokens", "texts", "jobs", "artifacts"}

@@ -1,4 +1,4 @@
-"""The CI client (api/client.py, api/client_cli.py): the CLI as a real subprocess against the real stack,
+"""The CI client (client/spinquant_client: client.py, cli.py): the CLI as a real subprocess against the real stack,
 one test per exit code, plus the library's retry, resume and checksum logic on a mock transport."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-from api.client import (
+from spinquant_client.cli import LineProgress, progress_line
+from spinquant_client.client import (
     ChecksumMismatch,
     Client,
     ClientError,
@@ -25,11 +25,11 @@ from api.client import (
     Unreachable,
     verify_checksums,
 )
-from api.client_cli import LineProgress, progress_line
+
 from scripts.stack import Stack, free_port
 from tests.conftest import ROOT, TEST_TEXT, TRAIN_TEXT
 
-# tests/api/conftest.py FAST, as flags; the seed varies per test so no job is a cache hit of another.
+# tests/stack_helpers.py FAST, as flags; the seed varies per test so no job is a cache hit of another.
 FAST = ["--w-bits", "4", "--a-bits", "4", "--kv-bits", "4", "--seq-len", "128", "--set", "train_samples=16",
         "--set", "calib_samples=8", "--set", "batch_size=2", "--set", "eval_windows=8",
         "--set", "prefit_steps=10"]
@@ -55,7 +55,7 @@ class Cli:
         return env
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "api.client", *args]
+        return [sys.executable, "-m", "spinquant_client", *args]
 
     def __call__(self, *args: str, timeout: float = 180, **env: str | None) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(*args), cwd=ROOT, env=self.env(**env), capture_output=True, text=True,
@@ -326,8 +326,19 @@ def test_plain_progress_lines_are_short_and_throttled(capsys: pytest.CaptureFixt
     assert len(lines) == 11 and lines[0].startswith("[learn] 20% step 0/200") and lines[-1].endswith("eta 0s")
 
 
-def test_client_imports_nothing_of_the_server() -> None:
-    code = ("import sys, api.client, api.client_cli; "
-            "print(sorted(m for m in ('torch', 'fastapi', 'sqlalchemy', 'redis', 'celery', 'quant_core') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+def test_the_clients_checksums_agree_with_the_checkpoint_writer(tmp_path: Path) -> None:
+    """The client reads SHA256SUMS with its own few lines (it installs alone); quant_core.checksums writes it."""
+    from quant_core.checksums import SUMS, folder_digests, sha256_file, write_sums
+    from spinquant_client.client import sha256_of
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"a": 1}')
+    (tmp_path / "model" / "model.safetensors").write_bytes(os.urandom(3 << 20))  # several read chunks
+    write_sums(tmp_path)
+    digests = folder_digests(tmp_path)
+    arts = [{"name": n, "sha256": d, "bytes": (tmp_path / n).stat().st_size} for n, d in digests.items()]
+    arts.append({"name": SUMS, "sha256": sha256_file(tmp_path / SUMS), "bytes": (tmp_path / SUMS).stat().st_size})
+    assert verify_checksums(tmp_path, arts) == []
+    assert all(sha256_of(tmp_path / n) == d for n, d in digests.items())
+    (tmp_path / "model" / "config.json").write_text('{"a": 2}')  # one changed byte is caught
+    assert any(p.startswith("model/config.json: sha256") for p in verify_checksums(tmp_path, arts))

@@ -288,9 +288,10 @@ def test_dockerignore_keeps_tests_runs_venv_caches_git_and_secrets_out() -> None
                 if ln.strip() and not ln.lstrip().startswith("#")]
     for path in ("tests/conftest.py", "tests/fixtures/models/x/model.safetensors", "runs/demo/x", ".venv/bin/python",
                  ".git/HEAD", ".env", "api/__pycache__/main.cpython-311.pyc", ".pytest_cache/v/x",
-                 "spinquant_service.egg-info/PKG-INFO", "bench/accuracy.py", "scripts/check_deploy.sh"):
+                 "spinquant_service.egg-info/PKG-INFO", "bench/accuracy.py", "scripts/check_deploy.sh",
+                 "client/spinquant_client/cli.py"):
         assert _ignored(path, patterns), f"{path} would be sent to the image build"
-    for path in ("pyproject.toml", "README.md", "api/main.py", "api/migrations/versions/0001_initial.py",
+    for path in ("pyproject.toml", "README.md", "api/main.py", "service/migrations/versions/0001_initial.py",
                  "quant_core/config.py", "worker/tasks.py", "docker/requirements-api.txt",
                  "docker/requirements-worker.txt"):
         assert not _ignored(path, patterns), f"{path} is missing from the image build"

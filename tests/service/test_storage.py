@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from api.storage import LocalStore, StoreError, make_store
-from api.storage_s3 import MARKER, S3Store
+from service.storage import LocalStore, StoreError, make_store
+from service.storage.s3 import MARKER, S3Store
 
 BLOB = bytes(range(256)) * 12  # 3072 bytes
 
@@ -50,7 +50,7 @@ def _interrupt_publish(store, monkeypatch: pytest.MonkeyPatch) -> None:
         def no_rename(*a):
             raise OSError("host died before the rename")
 
-        monkeypatch.setattr("api.storage.os.rename", no_rename)
+        monkeypatch.setattr("service.storage.os.rename", no_rename)
 
 
 def test_store_publishes_a_folder_whole(store) -> None:
@@ -199,10 +199,9 @@ def test_s3_racing_publishers_one_wins(s3_server, tmp_path: Path, monkeypatch: p
 def test_make_store_picks_the_backend(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
-    from api.settings import Settings
-    from worker.settings import WorkerSettings
+    from service.settings import ApiSettings, WorkerSettings
 
-    for cls in (Settings, WorkerSettings):
+    for cls in (ApiSettings, WorkerSettings):
         local = make_store(cls(artifact_root=tmp_path / "a"))
         assert isinstance(local, LocalStore) and local.work_dir() == (tmp_path / "a" / ".work").resolve()
         assert make_store(cls(artifact_root=tmp_path / "a", work_root=tmp_path / "w")).work_dir() == \
@@ -226,22 +225,18 @@ def test_make_store_picks_the_backend(s3_server, tmp_path: Path, monkeypatch: py
         assert s3.exists("texts/x.txt")
         for k in s3_server.env(""):
             monkeypatch.delenv(k)
-    fields = {n: (f.annotation, f.default) for n, f in Settings.model_fields.items()
-              if n == "store" or n.startswith("s3_") or n == "work_root"}
-    assert len(fields) == 8 and fields == {n: (f.annotation, f.default) for n, f in
-                                           WorkerSettings.model_fields.items() if n in fields}
 
 
 def test_store_check_command_creates_the_bucket(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m api store check --create-bucket``: what compose runs once against its S3 server."""
     from api.__main__ import main
-    from api.settings import get_settings
+    from service.settings import api_settings
 
     bucket = f"fresh-{uuid.uuid4().hex[:8]}"
     for k, v in {**s3_server.env("p/"), "SPINQUANT_S3_BUCKET": bucket}.items():
         monkeypatch.setenv(k, v)
-    get_settings.cache_clear()
+    api_settings.cache_clear()
     try:
         assert main(["store", "check"]) == 1
         assert "NoSuchBucket" in capsys.readouterr().err
@@ -253,17 +248,17 @@ def test_store_check_command_creates_the_bucket(s3_server, tmp_path: Path, monke
         assert "Contents" not in s3_server.client().list_objects_v2(Bucket=bucket)  # the probe is gone
         monkeypatch.setenv("SPINQUANT_STORE", "local")
         monkeypatch.setenv("SPINQUANT_ARTIFACT_ROOT", str(tmp_path / "a"))
-        get_settings.cache_clear()
+        api_settings.cache_clear()
         assert main(["store", "check", "--create-bucket"]) == 0 and "LocalStore" in capsys.readouterr().out
         assert [p.name for p in (tmp_path / "a").iterdir()] == [".probe"]
     finally:
-        get_settings.cache_clear()
+        api_settings.cache_clear()
 
 
 def test_stack_on_s3_runs_a_job_and_serves_its_files(s3_server, tmp_path: Path) -> None:
     """API and worker on the S3 store: upload texts, run a job, download every file (whole and ranged)."""
     from scripts.stack import Stack
-    from tests.api.conftest import Api
+    from tests.stack_helpers import Api
 
     t0 = time.monotonic()
     prefix = f"stack-{uuid.uuid4().hex[:8]}/"

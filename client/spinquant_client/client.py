@@ -3,7 +3,7 @@
     spinquant submit local:llama-tiny --w-bits 4 --a-bits 4 --kv-bits 4 --steps 20 \\
         --calib-text train.txt --eval-text test.txt --idempotency-key "$GITHUB_SHA-w4a4" --download out/
     spinquant status ID | list [--status S] [--limit N] | cancel ID | download ID DIR     (each with --json)
-    python -m api.client ...                                                         (the same CLI)
+    python -m spinquant_client ...                                                   (the same CLI)
 
 URL and token: ``--url``/``--token`` or ``SPINQUANT_URL`` (default http://127.0.0.1:8000) / ``SPINQUANT_TOKEN``.
 
@@ -18,7 +18,7 @@ Exit codes:
 
 Library use::
 
-    from api.client import Client
+    from spinquant_client import Client
     c = Client("http://127.0.0.1:8000", token)
     job = c.wait(c.submit("local:llama-tiny", settings={"w_bits": 4}, calib={"dataset": "wikitext2"})["id"])
     c.download(job["id"], "out/")        # raises ChecksumMismatch (exit 6) on any bad file
@@ -43,13 +43,21 @@ from typing import Any
 
 import httpx
 
-from .storage import sha256_of  # stdlib only: the client stays free of the server's packages
-
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
 EXIT_OK, EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT, EXIT_CHECKSUM, EXIT_UNREACHABLE = 0, 2, 3, 4, 5, 6, 7
 EXIT_FOR_STATUS = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 SUMS = "SHA256SUMS"
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file in 1 MiB chunks. The client is its own distribution and imports nothing of the
+    server's (quant_core.checksums writes the same format; tests/client checks the two agree)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ClientError(Exception):
@@ -409,14 +417,3 @@ def _sse(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
         key, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         cur[key] = cur[key] + "\n" + value if key == "data" and key in cur else value
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``spinquant`` console script (see api/client_cli.py)."""
-    from .client_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

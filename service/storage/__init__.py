@@ -2,14 +2,13 @@
 
 A job's files appear only when complete: ``publish`` moves a finished local folder into place in one
 rename (local backend), or uploads every file and then a completion marker last (S3 backend,
-api/storage_s3.py), so a reader sees either nothing or the whole folder. Keys are relative paths
+service/storage/s3.py), so a reader sees either nothing or the whole folder. Keys are relative paths
 (``jobs/<id>/model/model.safetensors``, ``texts/<sha256>.txt``). ``make_store(settings)`` picks the
 backend: the local directory by default (one host), S3-compatible for several hosts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -17,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
+
+from quant_core.checksums import sha256_file
 
 
 class StoreError(RuntimeError):
@@ -29,14 +30,6 @@ class StoredFile:
     key: str  # store key
     bytes: int
     sha256: str
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 CHUNK = 1 << 20  # bytes per chunk when streaming
@@ -130,7 +123,7 @@ class LocalStore:
         for p in sorted(base.rglob("*")):
             if p.is_file():
                 name = p.relative_to(base).as_posix()
-                yield StoredFile(name=name, key=f"{prefix}/{name}", bytes=p.stat().st_size, sha256=sha256_of(p))
+                yield StoredFile(name=name, key=f"{prefix}/{name}", bytes=p.stat().st_size, sha256=sha256_file(p))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         dest = self._path(key)
@@ -185,7 +178,7 @@ def _read_range(f: BinaryIO, start: int, stop: int, chunk_size: int) -> Iterator
 
 
 def make_store(settings: Any) -> ArtifactStore:
-    """The store the settings name (api.settings.Settings or worker.settings.WorkerSettings).
+    """The store the settings name (service.settings.ApiSettings or WorkerSettings).
 
     ``store='local'`` (the default): LocalStore under ``artifact_root``; ``store='s3'``: S3Store on
     ``s3_bucket``. A bare path still means a LocalStore there.
@@ -196,7 +189,7 @@ def make_store(settings: Any) -> ArtifactStore:
     if kind == "local":
         return LocalStore(settings.artifact_root, work_root=settings.work_root)
     if kind == "s3":
-        from .storage_s3 import S3Store
+        from .s3 import S3Store
 
         if not settings.s3_bucket:
             raise StoreError("SPINQUANT_STORE=s3 needs a bucket: set SPINQUANT_S3_BUCKET")

@@ -1,7 +1,7 @@
 """The SQL job store: tables, engine and sessions. The database holds the truth about every job.
 
 Shared by the API and the worker (which imports this module, never the FastAPI app). SQLite is the
-default; PostgreSQL is supported through the same models and migrations (``api/migrations``).
+default; PostgreSQL is supported through the same models and migrations (``service/migrations``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 # Job states; the last three are terminal.
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -59,7 +59,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value is None:
             return None
         if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value!r}: use an aware one (api.db.utcnow())")
+            raise ValueError(f"naive datetime {value!r}: use an aware one (service.db.utcnow())")
         value = value.astimezone(dt.UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
@@ -194,12 +194,12 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, json_serializer=json_dumps)
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker:
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Any:
-    """The Alembic ``Config`` for ``api/migrations`` against ``url`` (for alembic.command.*)."""
+    """The Alembic ``Config`` for ``service/migrations`` against ``url`` (for alembic.command.*)."""
     from alembic.config import Config
 
     cfg = Config()

@@ -1,16 +1,11 @@
-"""The real stack for service tests: a redis-server, the API over HTTP (uvicorn) and a Celery worker process.
+"""Helpers for the tests that drive the real service: an HTTP client per token, the fast job settings,
+and a real S3-compatible server (moto's standalone server as a subprocess).
 
-One stack per test session (SQLite job store and local artifact store in a temp dir); tests that
-need a clean slate create their own tokens, so they never see each other's jobs. ``s3_server`` is a
-real S3-compatible HTTP server (moto's standalone server, a subprocess) for the S3 store's tests.
+The fixtures that start them (``stack``, ``api``, ``s3_server`` ...) are in tests/conftest.py.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from scripts.stack import Stack, _wait, free_port
+from scripts.stack import Stack
 from tests.conftest import TEST_TEXT, TRAIN_TEXT
 
 # Small, fast settings on the trained fixture (a job runs in a few seconds on 2 cores).
@@ -88,22 +82,6 @@ class Api:
         return out
 
 
-@pytest.fixture
-def api(stack: Stack) -> Api:
-    """A client with a fresh non-admin token (its own owner)."""
-    return Api(stack, stack.token("test"))
-
-
-@pytest.fixture
-def other_api(stack: Stack) -> Api:
-    return Api(stack, stack.token("other"))
-
-
-@pytest.fixture
-def admin_api(stack: Stack) -> Api:
-    return Api(stack, stack.token("admin", admin=True))
-
-
 @dataclass(frozen=True)
 class S3Server:
     """Where the S3-compatible test server listens, its bucket and the (any) credentials it takes."""
@@ -123,7 +101,7 @@ class S3Server:
 
     def store(self, prefix: str | None = None, work_root: Path | None = None) -> Any:
         """An S3Store on the bucket under its own fresh prefix (tests never see each other's objects)."""
-        from api.storage_s3 import S3Store
+        from service.storage.s3 import S3Store
 
         return S3Store(bucket=self.bucket, prefix=f"t-{uuid.uuid4().hex[:12]}/" if prefix is None else prefix,
                        endpoint_url=self.endpoint_url, region=self.region, access_key_id=self.access_key_id,
@@ -135,30 +113,3 @@ class S3Server:
                 "SPINQUANT_S3_ENDPOINT_URL": self.endpoint_url, "SPINQUANT_S3_REGION": self.region,
                 "SPINQUANT_S3_ACCESS_KEY_ID": self.access_key_id,
                 "SPINQUANT_S3_SECRET_ACCESS_KEY": self.secret_access_key, "SPINQUANT_S3_PREFIX": prefix}
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory):
-    """moto's standalone S3-compatible server as a real subprocess on a free port, with one bucket."""
-    root = tmp_path_factory.mktemp("s3")
-    port = free_port()
-    log = root / "moto.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
-    server = S3Server(endpoint_url=f"http://127.0.0.1:{port}", bucket="spinquant-test")
-    try:
-        def up() -> bool:
-            return httpx.get(server.endpoint_url + "/", timeout=2).status_code == 200
-
-        _wait(up, "moto S3 server", 60, proc, log)
-        server.client().create_bucket(Bucket=server.bucket)
-        yield server
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()

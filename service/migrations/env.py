@@ -1,10 +1,10 @@
-"""Alembic environment: runs migrations against the URL set by api.db.migrate (or alembic -x url=...)."""
+"""Alembic environment: runs migrations against the URL set by service.db.migrate (or alembic -x url=...)."""
 
 from typing import Any, Literal
 
 from alembic import context
 
-from api.db import Base, UTCDateTime, make_engine
+from service.db import Base, UTCDateTime, make_engine
 
 config = context.config
 _url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")

@@ -1,6 +1,6 @@
-"""The ``spinquant`` command line (``python -m api.client``): argument parsing, progress display, exit codes.
+"""The ``spinquant`` command line (``python -m spinquant_client``): argument parsing, progress display, exit codes.
 
-The work is done by ``api.client.Client``; this module only turns flags into calls and results into output:
+The work is done by ``spinquant_client.Client``; this module only turns flags into calls and results into output:
 machine-readable output (the job id, or JSON with --json) on stdout, everything for people on stderr.
 """
 
