@@ -328,8 +328,9 @@ def test_plain_progress_lines_are_short_and_throttled(capsys: pytest.CaptureFixt
 
 def test_the_clients_checksums_agree_with_the_checkpoint_writer(tmp_path: Path) -> None:
     """The client reads SHA256SUMS with its own few lines (it installs alone); quant_core.checksums writes it."""
-    from quant_core.checksums import SUMS, folder_digests, sha256_file, write_sums
     from spinquant_client.client import sha256_of
+
+    from quant_core.checksums import SUMS, folder_digests, sha256_file, write_sums
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"a": 1}')
