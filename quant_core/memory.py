@@ -125,6 +125,13 @@ class StageMeter:
         self.peaks[name] = max(self.peaks.get(name, 0), peak)
         self._current = None
 
+    def peak_bytes(self) -> int:
+        """The job's peak over every stage so far. Each stage's start resets the process's own high-water mark
+        (VmHWM, which ru_maxrss reads; CUDA's max_memory_allocated), so after the first reset neither says the
+        job's peak any more: this does."""
+        self.end()
+        return max(self.peaks.values(), default=0)
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.begin(name)

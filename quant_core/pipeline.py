@@ -271,12 +271,16 @@ def load(model_ref: str, cfg: SpinQuantConfig, *, revision: str | None, cache_di
         calib_tokens = encode(tokenizer, load_text(cfg.calib.source, "train"))
         if cfg.needs_calibration:
             gptq_tokens = with_bos(tokenizer, calib_tokens)
+    # Nothing reads text after this but zero-shot tasks. A fast tokenizer holds 100+ MB (SmolLM2's: 136 MiB) in
+    # small allocations: freed before the weights arrive, its pages are reused; freed after, they stay resident
+    # below the weights (SmolLM2-135M, float32: +500 MB of resident set from here to the end of the job).
+    kept = tokenizer if cfg.zero_shot_tasks else None
+    del tokenizer
     check_cancel(should_cancel, "load")
     model = load_model(src, dtype=dtype, device="cpu" if place.offload else device)
     progress("load", 1.0, {"model": model_ref, "family": arch.family, "layers": arch.n_layers})
     return Job(src=src, arch=arch, plans=plans, place=place, dtype=dtype, model=model, windows=windows,
-               calib_tokens=calib_tokens, gptq_tokens=gptq_tokens,
-               tokenizer=tokenizer if cfg.zero_shot_tasks else None)
+               calib_tokens=calib_tokens, gptq_tokens=gptq_tokens, tokenizer=kept)
 
 
 def evaluate_fp(job: Job, cfg: SpinQuantConfig, progress: ProgressFn, should_cancel: CancelFn) -> FPBaseline:
@@ -409,7 +413,7 @@ def quantize_model(
     with stage("evaluate"):
         evaluated = evaluate_quantized(job, cfg, progress, should_cancel)
     facts = _run_facts(job, cfg, fp, learned, converted, evaluated, timings=timings, total_s=time.perf_counter() - t_start,
-                       memory=meter.report(), model_id=model_id)
+                       memory=meter.report(), peak_mb=meter.peak_bytes() / 2**20, model_id=model_id)
     rot = learned.rotations
     return QuantizeResult(model=job.model, arch=job.arch, cfg=cfg, facts=facts, source_path=job.src.path,
                           r1=rot.r1 if rot else None, r2s=rot.r2s if rot else None, qweights=converted.qweights,
@@ -418,9 +422,11 @@ def quantize_model(
 
 def _run_facts(job: Job, cfg: SpinQuantConfig, fp: FPBaseline, learned: Learned, converted: Converted,
                evaluated: Evaluated, *, timings: dict[str, float], total_s: float, memory: dict[str, Any],
-               model_id: str | None) -> RunFacts:
-    """What the stages measured, for the report (quant_core.report.build_report)."""
+               peak_mb: float, model_id: str | None) -> RunFacts:
+    """What the stages measured, for the report (quant_core.report.build_report). ``peak_mb``: the stage meter's
+    peak over the whole job (resident set on the CPU, allocated tensors on CUDA)."""
     device = job.place.compute
+    cuda = device.startswith("cuda")
     return RunFacts(
         model=ModelFacts(id=model_id or job.src.model_id, revision=job.src.revision, family=job.arch.family,
                          tied=job.arch.tied, dtype=str(job.dtype).replace("torch.", ""), device=device,
@@ -429,10 +435,10 @@ def _run_facts(job: Job, cfg: SpinQuantConfig, fp: FPBaseline, learned: Learned,
         eval_seq_len=int(job.windows.shape[1]), r3=_describe(job.plans.r3), r4=_describe(job.plans.r4),
         invariance=converted.invariance, learn=learned.info, loss_curve=learned.loss_curve,
         timings_s={k: timings[k] for k in ("load", "evaluate", "learn", "quantize")},  # the report's stage keys
-        total_s=total_s, peak_rss_mb=_peak_rss_mb(), memory_mb=memory,
+        total_s=total_s, peak_rss_mb=_peak_rss_mb() if cuda else max(_peak_rss_mb(), peak_mb), memory_mb=memory,
         zero_shot={"fp": fp.zero_shot, "quant": evaluated.zero_shot} if cfg.zero_shot_tasks else None,
         versions={"quant_core": __version__, "torch": torch.__version__},
-        peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+        peak_gpu_mb=peak_mb if cuda else None,
     )
 
 

@@ -27,6 +27,7 @@ def real_api(tmp_path_factory: pytest.TempPathFactory):
         stack.stop()
 
 
+@pytest.mark.slow
 def test_w4a16_job_on_the_real_model_through_the_service(real_api: Api, tmp_path: Path) -> None:
     body = {"model": f"local:{smollm2.NAME}", "method": "gptq",
             "settings": {"w_bits": 4, "w_group_size": 64, "seq_len": 128, "calib_samples": 4, "eval_windows": 4,

@@ -121,6 +121,7 @@ def test_learning_moves_the_rotations_and_keeps_them_orthogonal() -> None:
     assert len(res.report["loss_curve"]) == 6 and len(res.report["rotation"]["grad_norms"]) == 6
 
 
+@pytest.mark.slow
 def test_learning_beats_random_hadamard_on_the_massive_fixture() -> None:
     """llama-massive has a residual direction that folding cannot remove, so R1 matters. Learning as by default
     (a pre-fit, 300 steps here, then end-to-end steps with the range STE) must remove most of the W16A4 gap of its own

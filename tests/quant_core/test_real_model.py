@@ -40,6 +40,7 @@ def _roundtrip(result, tmp_path: Path) -> float:
     return perplexity(model, windows)
 
 
+@pytest.mark.slow
 def test_w4a16_g64_gptq_exports_and_reloads_to_the_reported_perplexity(real_model: Path, tmp_path: Path) -> None:
     """Group 64: the model's input widths are 576 = 9 * 64 and 1536, so 128 does not divide them (refused, below)."""
     with pytest.raises(ConfigError, match="group_size=128 does not divide the input width 576"):
@@ -51,6 +52,7 @@ def test_w4a16_g64_gptq_exports_and_reloads_to_the_reported_perplexity(real_mode
     assert _roundtrip(res, tmp_path) == rep["quant_ppl"]
 
 
+@pytest.mark.slow
 def test_w4a4kv4_spinquant_learns_exports_and_reloads(real_model: Path, tmp_path: Path) -> None:
     cfg = make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4, steps=2, batch_size=2, micro_batch=2,
                       train_samples=4, settings={"train.prefit_steps": 40, "train.prefit_blocks": 2}, **SMALL)
