@@ -119,10 +119,17 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="-", help="a file, or - for stdout (the table then goes to stderr)")
+    p.add_argument("--tune-allocator", action="store_true",
+                   help="call quant_core.memory.tune_allocator first, as the CLI and the worker do")
     a = p.parse_args()
+    if a.tune_allocator:
+        from quant_core.memory import tune_allocator
+
+        tune_allocator()
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
-    res = {"dtype": a.dtype, "batch_size": a.batch_size, "micro_batch": a.micro_batch, "seq_len": a.seq_len,
+    res = {"tune_allocator": a.tune_allocator, "dtype": a.dtype,
+           "batch_size": a.batch_size, "micro_batch": a.micro_batch, "seq_len": a.seq_len,
            **ours(a.model, dtype, a.batch_size, a.micro_batch, a.seq_len, a.repeat),
            **transformers_step(a.model, dtype, a.batch_size, a.seq_len, a.repeat)}
     res["ratio_to_transformers"] = res["ours_s"] / res["transformers_s"]

@@ -112,10 +112,10 @@ class GPTQConfig:
     static_groups: bool = False  # fit all group scales on the original weights up front
 
     def __post_init__(self) -> None:
-        _check_float(self.damp, "gptq.damp", 0.0, 1.0)
-        _check_bool(self.act_order, "gptq.act_order")
-        _check_int(self.block_size, "gptq.block_size", 1)
-        _check_bool(self.static_groups, "gptq.static_groups")
+        _check_float(self.damp, "weights.gptq.damp", 0.0, 1.0)
+        _check_bool(self.act_order, "weights.gptq.act_order")
+        _check_int(self.block_size, "weights.gptq.block_size", 1)
+        _check_bool(self.static_groups, "weights.gptq.static_groups")
 
 
 @dataclass(frozen=True)
@@ -450,7 +450,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     except TypeError as exc:  # e.g. a number where an object belongs
         raise ConfigError(where.rstrip(".") or None, f"invalid {where or 'config'}: {exc}") from None
     except ConfigError as exc:  # a section's own check names its field without the section (DataConfig: calib/eval)
-        if exc.field is None or not where or exc.field.startswith(where):
+        if exc.field is None or not where or "." in exc.field:  # already a full dotted path
             raise
         raise ConfigError(where + exc.field, exc.message, exc.accepted) from None
 
