@@ -120,7 +120,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="-", help="a file, or - for stdout (the table then goes to stderr)")
     p.add_argument("--tune-allocator", action="store_true",
-                   help="call quant_core.memory.tune_allocator first, as the CLI and the worker do")
+                   help="call quant_core.memory.tune_allocator first (off in the CLI and the worker)")
     a = p.parse_args()
     if a.tune_allocator:
         from quant_core.memory import tune_allocator

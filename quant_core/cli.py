@@ -258,9 +258,6 @@ def _plan(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .memory import tune_allocator
-
-    tune_allocator()  # a CPU job's resident set stays near its live tensors (quant_core.memory)
     try:
         if args.command == "quantize":
             return _quantize(args)

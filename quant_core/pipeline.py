@@ -272,8 +272,7 @@ def load(model_ref: str, cfg: SpinQuantConfig, *, revision: str | None, cache_di
         if cfg.needs_calibration:
             gptq_tokens = with_bos(tokenizer, calib_tokens)
     # Nothing reads text after this but zero-shot tasks. A fast tokenizer holds 100+ MB (SmolLM2's: 136 MiB) in
-    # small allocations: freed before the weights arrive, its pages are reused; freed after, they stay resident
-    # below the weights (SmolLM2-135M, float32: +500 MB of resident set from here to the end of the job).
+    # small allocations: freed before the weights arrive, its pages can be reused for them.
     kept = tokenizer if cfg.zero_shot_tasks else None
     del tokenizer
     check_cancel(should_cancel, "load")

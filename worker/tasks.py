@@ -164,11 +164,9 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
     try:
         # quant_core (and torch) only now, inside the forked child.
         from quant_core.config import config_from_dict
-        from quant_core.memory import tune_allocator
         from quant_core.pipeline import run
         from quant_core.progress import Cancelled
 
-        tune_allocator()  # this child runs one job and exits (max_tasks_per_child=1): the setting dies with it
 
         cfg = config_from_dict(job.config)
         pub = Publisher(redis=redis, sessions=sessions, job_id=job_id, weights=stage_weights(cfg.learning, cfg.rotating),
