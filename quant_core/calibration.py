@@ -15,6 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,74 +27,57 @@ import torch
 from torch import Tensor
 
 from .errors import DataError as DataError
-
-# Known dataset names -> (datasets path, config name). The join rule for each split follows §9.
-KNOWN_DATASETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
-    "wikitext103": ("wikitext", "wikitext-103-raw-v1"),
-}
-
-
-
-
-def load_text(source: str, split: str) -> str:
-    """Read a text source. ``split`` is 'train' for calibration/learning and 'test' for evaluation."""
-    if source.startswith("file:") or Path(source).is_file():
-        path = Path(source[5:] if source.startswith("file:") else source).expanduser()
-        if not path.is_file():
-            raise DataError(f"text file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path} is not UTF-8 text: {exc}") from None
-        except OSError as exc:
-            raise DataError(f"cannot read {path}: {exc}") from None
-        if not text.strip():
-            raise DataError(f"{path} is empty")
-        return text
-    name, _, config = source.partition(":")
-    ds_path, ds_config = KNOWN_DATASETS.get(name, (name, config or None))
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(ds_path, ds_config, split=split)
-        column = "text" if "text" in ds.column_names else ds.column_names[0]
-        lines: list[str] = ds[column]
-    except (OSError, ValueError, KeyError, ImportError) as exc:  # offline (hub errors are OSError), unknown name, bad split
-        raise DataError(
-            f"could not load dataset {source!r} (split {split!r}): {type(exc).__name__}: {exc}. "
-            "Accepted: 'wikitext2', a datasets name[:config] with a text column, or file:<path> of plain text"
-        ) from None
-    # WikiText convention: the raw lines joined with blank lines between them.
-    return "\n\n".join(lines)
-
-
-def load_tokenizer(path: Path | str) -> Any:
-    """The model folder's tokenizer (never with trust_remote_code)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:  # missing or malformed tokenizer files
-        raise DataError(f"cannot load the tokenizer from {path}: {type(exc).__name__}: {exc}") from None
-    except Exception as exc:
-        if type(exc) is not Exception:  # a bug somewhere: surface it
-            raise
-        # the tokenizers library raises a bare Exception for a tokenizer.json it cannot parse
-        raise DataError(f"cannot load the tokenizer from {path}: {exc}") from None
+from .texts import KNOWN_DATASETS as KNOWN_DATASETS
+from .texts import encode_ids
+from .texts import load_text as load_text
+from .texts import load_tokenizer as load_tokenizer
 
 
 def encode(tokenizer: Any, text: str, bos: bool = False) -> Tensor:
     """Token ids of the whole text as one 1-D int64 tensor, optionally with one BOS at the start."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long texts are windowed later
+    ids = encode_ids(tokenizer, text)
     if bos and getattr(tokenizer, "bos_token_id", None) is not None:
         ids = [tokenizer.bos_token_id, *ids]
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _read_ids(path: Path) -> Tensor:
+    raw = bytearray(path.read_bytes())  # native-order int32 (quant_core.texts.write_ids)
+    if not raw:
+        return torch.empty(0, dtype=torch.long)
+    return torch.frombuffer(raw, dtype=torch.int32).long()
+
+
+def tokenize_texts(model: Path | str, texts: dict[str, tuple[str, str]]) -> tuple[dict[str, Tensor], int | None]:
+    """Each named (source, split) tokenised by the model folder's tokenizer in a child process (quant_core.texts
+    says why), as 1-D int64 tensors, and the tokenizer's BOS id. The same ids as :func:`encode` in process.
+    Bad input raises DataError as it would here; a failure of the child itself is a RuntimeError with its
+    output."""
+    with tempfile.TemporaryDirectory(prefix="spinquant-texts-") as tmp:
+        request = json.dumps({"model": str(model), "texts": {k: list(v) for k, v in texts.items()}, "out": tmp})
+        # The child imports this very quant_core (installed or a checkout) and keeps the caller's cwd, so a
+        # relative file: source names the same file.
+        home = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)}
+        proc = subprocess.run([sys.executable, "-m", "quant_core.texts", request], capture_output=True, text=True,
+                              check=False, env=env)
+        lines = proc.stdout.strip().splitlines()
+        reply: dict[str, Any] = json.loads(lines[-1]) if proc.returncode in (0, 3) and lines else {}
+        if "error" in reply:
+            raise DataError(reply["error"]["message"])
+        if proc.returncode != 0 or "files" not in reply:
+            raise RuntimeError(f"the tokenizer process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        tokens = {name: _read_ids(Path(f)) for name, f in reply["files"].items()}
+    return tokens, reply["bos"]
+
+
 def with_bos(tokenizer: Any, tokens: Tensor) -> Tensor:
     """The same tokens with the tokenizer's BOS in front (when it has one)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
+    return with_bos_id(tokens, getattr(tokenizer, "bos_token_id", None))
+
+
+def with_bos_id(tokens: Tensor, bos: int | None) -> Tensor:
+    """The same tokens with ``bos`` in front (as they are when it is None)."""
     return tokens if bos is None else torch.cat([torch.tensor([bos], dtype=tokens.dtype), tokens])
 
 

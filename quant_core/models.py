@@ -462,10 +462,13 @@ def load_model(src: ModelSource | str | Path, *, dtype: torch.dtype = torch.floa
             with safe_open(str(f), framework="pt", device="cpu") as fh:
                 keys = [k for k in fh.keys() if k in expected]
             for key in keys:
-                # One mapping per tensor: the file's pages leave the resident set as soon as the tensor is
-                # copied out, so loading peaks at the model plus one tensor, not the model plus the whole file.
+                # One mapping per tensor, copied out at once: get_tensor's result is backed by the file's pages,
+                # which would otherwise stay mapped (and count) until each weight is first written, so loading
+                # peaks at the model plus one tensor, and the loaded model is the process's own memory.
                 with safe_open(str(f), framework="pt", device="cpu") as fh:
-                    state[key] = fh.get_tensor(key).to(dtype)
+                    t = fh.get_tensor(key)
+                    state[key] = t.to(dtype) if t.dtype != dtype else t.clone()
+                    del t
         except (OSError, SafetensorError) as exc:  # truncated or malformed file
             raise ModelError(f"cannot read {f.name}: {exc}") from None
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:

@@ -30,12 +30,11 @@ from torch import Tensor
 from . import __version__
 from .calibration import (
     calibration_windows,
-    encode,
     eval_windows,
-    load_text,
     load_tokenizer,
+    tokenize_texts,
     train_blocks,
-    with_bos,
+    with_bos_id,
 )
 from .config import ConfigError, SpinQuantConfig
 from .convert import quantize_weights
@@ -263,18 +262,17 @@ def load(model_ref: str, cfg: SpinQuantConfig, *, revision: str | None, cache_di
         raise ConfigError("placement", decision.refusal)
     place = Placement(device, offload=decision.offload)
     weight_files(src.path)  # refuse pickle-only or missing weights before reading any text
-    tokenizer = load_tokenizer(src.path)
-    windows = eval_windows(encode(tokenizer, load_text(cfg.eval.source, "test"), bos=False), cfg.eval.seq_len,
-                           cfg.eval.max_windows)
-    calib_tokens = gptq_tokens = None
+    texts = {"eval": (cfg.eval.source, "test")}
     if cfg.needs_calibration or cfg.learning:
-        calib_tokens = encode(tokenizer, load_text(cfg.calib.source, "train"))
-        if cfg.needs_calibration:
-            gptq_tokens = with_bos(tokenizer, calib_tokens)
-    # Nothing reads text after this but zero-shot tasks. A fast tokenizer holds 100+ MB (SmolLM2's: 136 MiB) in
-    # small allocations: freed before the weights arrive, its pages can be reused for them.
-    kept = tokenizer if cfg.zero_shot_tasks else None
-    del tokenizer
+        texts["calib"] = (cfg.calib.source, "train")
+    # Tokenised in a child process, so the tokenizer and its libraries never stay resident here (155 MiB on
+    # SmolLM2-135M: quant_core.texts). Zero-shot tasks need the tokenizer itself, so they keep it in process.
+    kept = load_tokenizer(src.path) if cfg.zero_shot_tasks else None
+    tokens, bos = tokenize_texts(src.path, texts)
+    windows = eval_windows(tokens["eval"], cfg.eval.seq_len, cfg.eval.max_windows)
+    calib_tokens = tokens.get("calib")
+    gptq_tokens = with_bos_id(calib_tokens, bos) if calib_tokens is not None and cfg.needs_calibration else None
+    del tokens
     check_cancel(should_cancel, "load")
     model = load_model(src, dtype=dtype, device="cpu" if place.offload else device)
     progress("load", 1.0, {"model": model_ref, "family": arch.family, "layers": arch.n_layers})
