@@ -38,6 +38,7 @@ from .config import SpinQuantConfig, config_to_dict, vllm_serving_verdict
 from .errors import ConfigError
 from .formats import ExportError, check_formats
 from .hadamard import HadamardPlan, sylvester
+from .memory import release_free_memory
 from .models import decoder_linears, layer_prefix
 from .packing import INT4_OFFSET, gptq_qzeros, group_index, pack_gptq_qweight, pack_int4_rows, pack_int4_zero_points
 from .report import ExportFacts
@@ -168,6 +169,7 @@ def _gptq_state(result: QuantizeResult) -> tuple[dict[str, torch.Tensor], dict[s
                 raise ExportError(f"{prefix}: {exc}; use the default compressed-tensors format (--format ct)") from None
             state[prefix + ".scales"] = scales16.t().contiguous()  # (out, n_groups) -> (n_groups, out)
             state[prefix + ".g_idx"] = group_index(in_f, g)
+        release_free_memory()  # as in _packed_state
     for key, value in model.state_dict().items():
         if key != "inv_freq" and key not in linear_names:
             v = value.detach().cpu()
@@ -212,6 +214,9 @@ def _packed_state(result: QuantizeResult, r4_block: int | None = None) -> dict[s
                 state[prefix + ".weight_zero_point"] = pack_int4_zero_points(res.zero.round().to(torch.int16) - INT4_OFFSET)
             if _weight_args(cfg)["actorder"] == "group":
                 state[prefix + ".weight_g_idx"] = res.g_idx.to(torch.int32)
+        # The packing's int64 temporaries of a layer are freed between its small packed results: handed back here,
+        # or the heap grows by them layer after layer (0.5 GB on SmolLM2-135M, quant_core.memory).
+        release_free_memory()
     for key, value in model.state_dict().items():
         if key != "inv_freq" and key not in linear_names:
             state[key] = value.detach().contiguous().cpu()

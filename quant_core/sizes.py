@@ -3,7 +3,8 @@ exactly what evaluation, learning and GPTQ hold (the API host imports plan witho
 
 from __future__ import annotations
 
-EVAL_BATCH_TOKENS = 8192  # tokens per evaluation forward (evaluate.perplexity)
+EVAL_BATCH_TOKENS = 4096  # tokens per evaluation forward (evaluate.perplexity); 8192 put the quantized evaluation of
+# SmolLM2-135M at 2.99x the model (its R4 and quantizer buffers scale with it), and was no faster on the CPU
 # logits per vocabulary chunk, 8 MiB in float32 (losses): 32 MiB chunks raised a SmolLM2 learning step's peak RSS by
 # 0.2 GB; on a GPU the lm_head's FLOPs are the same, only the calls more
 LOGIT_CHUNK_ELEMS = 1 << 21
