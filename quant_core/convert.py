@@ -164,15 +164,17 @@ def _gptq_layer(model: DecoderLM, i: int, h: Tensor, cfg: SpinQuantConfig, rt: Q
     quantize(qkv, acc)
 
     acc = HessianAccumulator(linears["o_proj"].in_features, dev)
-    mixed = []
+    # (N, L, n_h*hd), the o_proj input of every window: one buffer written in place, so the heap does not keep
+    # a micro-batch's piece between each batch's freed attention temporaries (quant_core.memory)
+    mixed = h.new_empty(*h.shape[:2], linears["o_proj"].in_features)
     for p in parts:
-        mixed.append(attn.mix(attn_in(p), cos, sin, rt))  # (m, L, n_h*hd), the o_proj input
-        acc.add_batch(mixed[-1].float())
+        mixed[p] = attn.mix(attn_in(p), cos, sin, rt)
+        acc.add_batch(mixed[p].float())
     quantize(o, acc)
 
     acc = HessianAccumulator(linears["up_proj"].in_features, dev)
-    for p, m in zip(parts, mixed, strict=True):
-        h[p] = h[p] + attn.o_proj(m)  # the residual after attention, in place of the layer input
+    for p in parts:
+        h[p] = h[p] + attn.o_proj(mixed[p])  # the residual after attention, in place of the layer input
         acc.add_batch(mlp_in(p).float())
     del mixed
     quantize(gate_up, acc)
