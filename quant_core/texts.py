@@ -6,10 +6,10 @@ with a ``text`` column.
 Why a child process (:func:`quant_core.calibration.tokenize_texts`): loading a Hugging Face tokenizer imports
 most of transformers' tokenisation stack, and a ``datasets`` source imports pyarrow. Neither can be unloaded,
 so a job that tokenised in its own process kept them resident to its end: 155 MiB on SmolLM2-135M (the
-tokenizer, its modules and their caches), a third of the headroom a 3x-the-model budget leaves. The child runs
-this module (``python -m quant_core.texts``), writes each text's ids as raw int32 (native order: the same
-machine reads them) to a scratch folder and exits; the job reads them back. The ids are the very ones the
-in-process path gives: the same tokenizer, the same call (tests/quant_core/test_texts.py).
+tokenizer, its modules and their caches), a third of the headroom a 3x-the-model budget leaves. The child
+(forked where the platform can, else ``python -m quant_core.texts``) writes each text's ids as raw int32
+(native order: the same machine reads them) to a scratch folder and exits; the job reads them back. The ids
+are the very ones the in-process path gives: the same tokenizer, the same call (tests/quant_core/test_texts.py).
 
 Example:
     >>> text = load_text("file:tests/fixtures/text/test.txt", split="test")

@@ -32,7 +32,10 @@ def test_the_child_gives_the_in_process_ids(model: str) -> None:
     assert with_bos_id(tokens["calib"], bos).tolist() == with_bos(tok, want_calib).tolist()
 
 
-def test_a_relative_file_source_names_the_callers_file(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("start", ["fork", "fresh interpreter"])
+def test_a_relative_file_source_names_the_callers_file(start: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if start != "fork":  # what a platform without fork runs: python -m quant_core.texts
+        monkeypatch.setattr("multiprocessing.get_all_start_methods", lambda: ["spawn"])
     monkeypatch.chdir(TEST_TEXT.parent)
     tokens, _ = tokenize_texts(FIXTURE, {"eval": (f"file:{TEST_TEXT.name}", "test")})
     assert tokens["eval"].tolist() == encode(load_tokenizer(FIXTURE), TEST_TEXT.read_text()).tolist()
