@@ -50,17 +50,17 @@ def _read_ids(path: Path) -> Tensor:
     return torch.frombuffer(raw, dtype=torch.int32).long()
 
 
-def _forked_child(conn: Any, model: str, texts: dict[str, tuple[str, str]], out: str) -> None:
+def _forked_child(fd: int, model: str, texts: dict[str, tuple[str, str]], out: str) -> None:
     from .texts import write_ids
 
     try:
-        conn.send(write_ids(model, texts, Path(out)))
+        reply: dict[str, Any] = write_ids(model, texts, Path(out))
     except DataError as exc:
-        conn.send({"error": {"code": exc.code, "message": exc.message}})
+        reply = {"error": {"code": exc.code, "message": exc.message}}
     except BaseException:
-        conn.send({"bug": traceback.format_exc()})
-    finally:
-        conn.close()
+        reply = {"bug": traceback.format_exc()}
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(reply))
 
 
 def _run_child(model: str, texts: dict[str, tuple[str, str]], out: str) -> dict[str, Any]:
@@ -68,18 +68,27 @@ def _run_child(model: str, texts: dict[str, tuple[str, str]], out: str) -> dict[
     child pays only for transformers and the tokenizer: about 2.7 s against 5.6 s for a fresh interpreter);
     otherwise ``python -m quant_core.texts``, which imports this very quant_core and keeps the caller's cwd, so
     a relative file: source names the same file either way."""
-    if "fork" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("fork")
-        recv, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_forked_child, args=(send, model, texts, out), daemon=True)
-        child.start()
-        send.close()
-        try:
-            reply: dict[str, Any] = recv.recv()
-        except EOFError:  # the child died without a word (killed, out of memory)
-            reply = {"bug": f"the tokenizer process ended without a reply (exit {child.exitcode})"}
-        child.join()
-        return reply
+    if hasattr(os, "fork") and "fork" in multiprocessing.get_all_start_methods():
+        # os.fork itself, not multiprocessing's Process: a Celery pool child counts as daemonic there, and
+        # daemonic processes may not have multiprocessing children.
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: tokenise, reply, and leave without running the parent's exit handlers
+            code = 0
+            try:
+                os.close(rfd)
+                _forked_child(wfd, model, texts, out)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        with os.fdopen(rfd) as f:
+            raw = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not raw:  # the child died without a word (killed, out of memory)
+            return {"bug": f"the tokenizer process ended without a reply (status {status})"}
+        return dict(json.loads(raw))
     home = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)}
     request = json.dumps({"model": model, "texts": {k: list(v) for k, v in texts.items()}, "out": out})
