@@ -51,16 +51,14 @@ def _read_ids(path: Path) -> Tensor:
 
 
 def _forked_child(fd: int, model: str, texts: dict[str, tuple[str, str]], out: str) -> None:
-    from .texts import write_ids
+    from .texts import reply
 
     try:
-        reply: dict[str, Any] = write_ids(model, texts, Path(out))
-    except DataError as exc:
-        reply = {"error": {"code": exc.code, "message": exc.message}}
+        answer: dict[str, Any] = reply(model, texts, Path(out))
     except BaseException:
-        reply = {"bug": traceback.format_exc()}
+        answer = {"bug": traceback.format_exc()}
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(reply))
+        f.write(json.dumps(answer))
 
 
 def _run_child(model: str, texts: dict[str, tuple[str, str]], out: str) -> dict[str, Any]:

@@ -104,21 +104,25 @@ def write_ids(model: str, texts: dict[str, tuple[str, str]], out: Path) -> dict[
     return {"bos": bos_id(tokenizer), "files": files}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The child: one JSON argument {"model", "texts": {name: [source, split]}, "out"}; prints one JSON line,
-    the result or {"error": {"code", "message"}} (exit 3) for bad input. A bug keeps its traceback (exit 1)."""
-    args = json.loads((argv if argv is not None else sys.argv[1:])[0])
+def reply(model: str, texts: dict[str, tuple[str, str]], out: Path) -> dict[str, Any]:
+    """What the child answers: :func:`write_ids`' result, or {"error": {"code", "message"}} for bad input."""
     try:
-        result = write_ids(args["model"], {k: (v[0], v[1]) for k, v in args["texts"].items()}, Path(args["out"]))
+        return write_ids(model, texts, out)
     except DataError as exc:
-        print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
-        return 3
-    print(json.dumps(result))
-    return 0
+        return {"error": {"code": exc.code, "message": exc.message}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child on a platform without fork: one JSON argument {"model", "texts": {name: [source, split]}, "out"};
+    prints :func:`reply` as one JSON line (exit 3 for bad input). A bug keeps its traceback (exit 1)."""
+    args = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    answer = reply(args["model"], {k: (v[0], v[1]) for k, v in args["texts"].items()}, Path(args["out"]))
+    print(json.dumps(answer))
+    return 3 if "error" in answer else 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["KNOWN_DATASETS", "bos_id", "encode_ids", "load_text", "load_tokenizer", "main", "write_ids"]
+__all__ = ["KNOWN_DATASETS", "bos_id", "encode_ids", "load_text", "load_tokenizer", "main", "reply", "write_ids"]
