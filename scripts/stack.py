@@ -165,16 +165,30 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--models-dir", type=Path, default=None)
     a = p.parse_args()
-    stack = Stack(a.dir, port=a.port, models_dir=a.models_dir).start()
-    token = stack.token("local")
-    print(f"API on {stack.url} (docs at {stack.url}/docs); logs in {stack.root}")
-    print(f"token: {token}")
-    print("Ctrl-C stops Redis, the API and the worker.")
+    # SIGTERM (systemd, docker stop, a CI timeout) ends the stack as Ctrl-C does, at any point: an exception
+    # here unwinds through Stack.start's and main's cleanup, where the default action would kill this process
+    # alone and leave its children running. (Blocking the signals for sigwait instead would hand the blocked
+    # mask to every child, which could then not be stopped by SIGTERM.)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    stack = Stack(a.dir, port=a.port, models_dir=a.models_dir)
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stack.start()
+        token = stack.token("local")
+        print(f"API on {stack.url} (docs at {stack.url}/docs); logs in {stack.root}")
+        print(f"token: {token}")
+        print("Ctrl-C (or SIGTERM) stops Redis, the API and the worker.", flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
         stack.stop()
-    return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
