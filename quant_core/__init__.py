@@ -6,6 +6,6 @@ import those and no others (tests/test_layout.py holds every package to its impo
 ``quant_core.pipeline.quantize_model(model, config, progress=..., should_cancel=...)``.
 """
 
-TORCH_FREE = ("checksums", "config", "errors", "formats", "plan", "progress", "sizes")
+TORCH_FREE = ("allocator", "checksums", "config", "errors", "formats", "plan", "progress", "sizes")
 
 __version__ = "0.1.0"

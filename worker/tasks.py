@@ -162,7 +162,11 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
     work.mkdir(parents=True)
     pub: Publisher | None = None
     try:
-        # quant_core (and torch) only now, inside the forked child.
+        # quant_core (and torch) only now, inside the forked child; huge-page CPU tensors first, since torch reads
+        # that setting once as it loads (quant_core.allocator)
+        from quant_core.allocator import prefer_huge_pages
+
+        prefer_huge_pages()
         from quant_core.config import config_from_dict
         from quant_core.pipeline import run
         from quant_core.progress import Cancelled
