@@ -26,6 +26,7 @@ A_BITS = (4, 8, 16)  # 16 = activations not quantized
 KV_BITS = (4, 8, 16)  # 16 = KV cache not quantized
 PLACEMENTS = ("auto", "whole", "layers")  # where the weights rest while a job runs (SpinQuantConfig.placement)
 STE_MODES = ("range", "identity")  # rotation-learning gradient through the fake quantizers (TrainConfig.ste)
+MAX_STEPS = 100_000  # the most end-to-end steps, and the most pre-fit steps, a job may ask for
 TRAIN_LOSSES = ("kl", "ce")  # rotation-learning loss (TrainConfig.loss); quant_core.losses implements both
 
 
@@ -209,7 +210,7 @@ class TrainConfig:
     prefit_blocks: int = 8
 
     def __post_init__(self) -> None:
-        _check_int(self.steps, "train.steps", 0, 100000)
+        _check_int(self.steps, "train.steps", 0, MAX_STEPS)
         _check_float(self.lr, "train.lr", 0.0, 1000.0)
         _check_float(self.grad_clip, "train.grad_clip", 0.0, 1e9)
         _check_int(self.batch_size, "train.batch_size", 1)
@@ -224,7 +225,7 @@ class TrainConfig:
             _check_in(self.train_w_bits, W_BITS, "train.train_w_bits")
         _check_in(self.ste, STE_MODES, "train.ste")
         _check_in(self.loss, TRAIN_LOSSES, "train.loss")
-        _check_int(self.prefit_steps, "train.prefit_steps", 0, 100000)
+        _check_int(self.prefit_steps, "train.prefit_steps", 0, MAX_STEPS)
         _check_float(self.prefit_lr, "train.prefit_lr", 0.0, 10.0)
         _check_int(self.prefit_blocks, "train.prefit_blocks", 1, 4096)
 

@@ -12,7 +12,16 @@ import json
 import time
 from typing import Any
 
-STREAM_MAXLEN = 1000  # approximate cap (XADD MAXLEN ~)
+from quant_core.config import MAX_STEPS
+
+# Events a job can publish (worker.progress.Publisher): one per learning step and per pre-fit step, and per other
+# stage its start, every 1% and its end (<= 102 each, 8 stages); the API adds a few per attempt (queued,
+# running, cancel, the final status and end). A job's replay must never lose its start (SSE clients and
+# Last-Event-ID resumes read from it), so the cap only guards Redis against a runaway writer: no valid job
+# reaches it. About 250 bytes an event: a 100-step job's stream is ~0.2 MB, the largest possible ~50 MB, and
+# every stream expires after its job ends.
+EVENTS_PER_STAGE = 102
+STREAM_MAXLEN = 2 * MAX_STEPS + 8 * EVENTS_PER_STAGE + 1000
 
 
 def state_key(job_id: str) -> str:

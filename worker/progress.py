@@ -87,9 +87,11 @@ class Publisher:
         state = {"stage": stage, "stage_fraction": fraction, "progress": self.overall, "eta_s": self.eta,
                  "step": self.step, "loss": self.loss, "updated_at": now}
         self.redis.hset(live.state_key(self.job_id), mapping={k: json.dumps(v) for k, v in state.items()})
-        _, last_frac, last_t = self.last_event
-        if (changed or stage == "learn" or fraction >= 1.0 or fraction - last_frac >= 0.01
-                or now - last_t >= 1.0):
+        # Every learning step is an event (the loss curve); other stages one per 1% at most, so a job's stream
+        # stays within service.live.STREAM_MAXLEN whatever its length and no replay loses its start. The hash
+        # above has the latest state on every call.
+        _, last_frac, _ = self.last_event
+        if changed or stage == "learn" or fraction >= 1.0 or fraction - last_frac >= 0.01:
             live.publish_event(self.redis, self.job_id, "progress", {
                 "stage": stage, "stage_fraction": round(fraction, 6), "progress": round(self.overall, 6),
                 "eta_s": self.eta, **_clean(info)})

@@ -85,3 +85,34 @@ def test_publisher_writes_hash_stream_and_row(stack, tmp_path) -> None:
     with sessions() as db:  # rows are written on stage changes (and every db_interval_s otherwise)
         row = db.get(Job, job_id)
         assert row.stage == "learn" and row.stage_times["evaluate_fp"] == {"start": 1010.0, "end": 1011.0}
+
+
+def test_a_long_jobs_stream_keeps_every_event_from_its_start(stack, tmp_path) -> None:
+    """A job of 1200 pre-fit and 800 learning steps (more events than the old 1000-entry cap) whose other stages
+    report 5000 times each: a subscriber that comes at the end replays the stream from the very first event, every
+    learning step is in it, and each other stage adds at most live.EVENTS_PER_STAGE events."""
+    sessions, job_id = _job_row(tmp_path)
+    redis = Redis.from_url(stack.redis_url)
+    now = [0.0]
+    pub = Publisher(redis=redis, sessions=sessions, job_id=job_id, weights=stage_weights(True, True),
+                    db_interval_s=1e9, clock=lambda: now[0])
+    for stage in STAGE_ORDER:
+        if stage == "learn":
+            for k in range(1, 1201):
+                pub("learn", k / 2000, {"phase": "prefit", "prefit_step": k})
+            for step in range(1, 801):
+                pub("learn", (1200 + step) / 2000, {"step": step, "loss": 1.0})
+            continue
+        for k in range(1, 5001):
+            now[0] += 2.0  # slow calls: a time-based rule would publish every one of them
+            pub(stage, k / 5000, {})
+    events = [(f[b"type"].decode(), json.loads(f[b"data"])) for _, f in redis.xrange(live.events_key(job_id))]
+    assert events[0] == ("stage", {"stage": STAGE_ORDER[0]})
+    learn = [d for k, d in events if k == "progress" and d["stage"] == "learn"]
+    assert [d["prefit_step"] for d in learn if "prefit_step" in d] == list(range(1, 1201))
+    assert [d["step"] for d in learn if "step" in d] == list(range(1, 801))
+    for stage in STAGE_ORDER:
+        if stage != "learn":
+            n = sum(1 for k, d in events if d.get("stage") == stage)
+            assert 100 <= n <= live.EVENTS_PER_STAGE, (stage, n)
+    assert len(events) > 2000 and 2 * 100_000 + len(STAGE_ORDER) * live.EVENTS_PER_STAGE <= live.STREAM_MAXLEN
