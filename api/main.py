@@ -25,6 +25,11 @@ from .crud import RequestError
 from .deps import Services
 from .routes import jobs, system, texts
 
+# HTTP status of each service.storage.StoreError code: a store that did not answer (or answered short) is 503, to
+# retry; only a missing key is 404
+STORE_ERROR_STATUS = {"not_found": 404, "bad_key": 400, "exists": 409, "bad_range": 416, "unavailable": 503,
+                      "misconfigured": 500}
+
 
 class _TooLarge(Exception):
     pass
@@ -105,7 +110,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @app.exception_handler(StoreError)
     async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        status = STORE_ERROR_STATUS[exc.code]
+        headers = {"Retry-After": "30"} if status == 503 else None
+        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=status, headers=headers)
 
     app.include_router(jobs.router)
     app.include_router(texts.router)

@@ -40,7 +40,7 @@ from service.db import (
 from service.queue import QUANTIZE_TASK
 from service.settings import WorkerSettings, worker_settings
 from service.sources import model_location, text_key, upload_sha
-from service.storage import ArtifactStore, make_store
+from service.storage import ArtifactStore, StoreError, make_store
 
 from .celery_app import app
 from .progress import Publisher, stage_weights
@@ -75,6 +75,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return exc.code, str(exc)
     if isinstance(exc, SoftTimeLimitExceeded):
         return "timeout", "the job ran past its time limit"
+    if isinstance(exc, StoreError) and exc.code == "unavailable":  # not ours to fix: the store did not answer
+        return "store_unavailable", f"the artifact store did not answer: {exc}"
     torch = sys.modules.get("torch")  # a CUDA OOM can only come from a job that imported torch
     if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)):
         return "out_of_memory", f"out of memory: {exc}".strip()
@@ -157,11 +159,11 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
         return bool(redis.exists(live.cancel_key(job_id)))
 
     prefix = f"jobs/{job_id}"
-    store.delete_prefix(prefix)  # a half-recorded earlier attempt: the DB never said succeeded, so redo
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     pub: Publisher | None = None
-    try:
+    try:  # from here every failure, the store's included, ends the job in a terminal state
+        store.delete_prefix(prefix)  # a half-recorded earlier attempt: the DB never said succeeded, so redo
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
         # quant_core (and torch) only now, inside the forked child; huge-page CPU tensors first, since torch reads
         # that setting once as it loads (quant_core.allocator)
         from quant_core.allocator import prefer_huge_pages
@@ -203,7 +205,12 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
         return "succeeded"
     except BaseException as exc:
         code, message = classify(exc)
-        store.delete_prefix(prefix)
+        try:
+            store.delete_prefix(prefix)
+        except StoreError:
+            # The store does not answer: whatever this attempt uploaded has no completion marker, so no reader
+            # sees it, and the next attempt (or a new job) deletes it first. The terminal status comes first.
+            log.warning("job %s: could not clear %s in the store", job_id, prefix, exc_info=True)
         if pub is not None:
             # The row keeps where the job stopped (stage times, the last learning step and loss), which the
             # throttled flush may not have written yet

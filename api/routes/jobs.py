@@ -211,7 +211,9 @@ def _stream(store: ArtifactStore, key: str, size: int, request: Request, *, file
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     try:
         body = store.iter_bytes(key, start, end)
-    except StoreError:
+    except StoreError as exc:
+        if exc.code != "not_found":
+            raise  # a store that does not answer is 503 (api.main), not a file that went away
         raise gone from None
     headers["Content-Length"] = str(end - start)
     return StreamingResponse(body, status_code=code, media_type="application/octet-stream", headers=headers)

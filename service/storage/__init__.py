@@ -19,9 +19,19 @@ from typing import Any, BinaryIO, Protocol
 
 from quant_core.checksums import sha256_file
 
+STORE_ERROR_CODES = ("not_found", "bad_key", "exists", "bad_range", "unavailable", "misconfigured")
+
 
 class StoreError(RuntimeError):
-    """A key that is missing or not allowed."""
+    """A store operation that failed. ``code`` (one of STORE_ERROR_CODES) says how, for callers to act on (the
+    API maps it to its HTTP status): a missing key, a key that is not allowed, an already published prefix, a
+    range outside the file, a backend that did not answer or answered short, a store that is not set up."""
+
+    def __init__(self, message: str, *, code: str = "not_found", key: str | None = None) -> None:
+        assert code in STORE_ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,7 @@ def check_range(key: str, size: int, start: int, end: int | None) -> int:
     """The range's end (exclusive) when ``start``..``end`` lies inside a file of ``size`` bytes."""
     end = size if end is None else end
     if not 0 <= start <= end <= size:
-        raise StoreError(f"range {start}-{end} is outside {key} ({size} bytes)")
+        raise StoreError(f"range {start}-{end} is outside {key} ({size} bytes)", code="bad_range", key=key)
     return end
 
 
@@ -93,7 +103,7 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         p = (self.root / key).resolve()
         if p == self.root or self.root not in p.parents:
-            raise StoreError(f"key {key!r} is outside the store")
+            raise StoreError(f"key {key!r} is outside the store", code="bad_key", key=key)
         return p
 
     def work_dir(self) -> Path:
@@ -103,10 +113,10 @@ class LocalStore:
     def publish(self, prefix: str, folder: Path) -> list[StoredFile]:
         dest = self._path(prefix)
         if dest.exists():
-            raise StoreError(f"{prefix} is already published")
+            raise StoreError(f"{prefix} is already published", code="exists", key=prefix)
         folder = Path(folder)
         if not folder.is_dir():
-            raise StoreError(f"{folder} is not a folder; nothing to publish")
+            raise StoreError(f"{folder} is not a folder; nothing to publish", code="not_found", key=prefix)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(folder, dest)  # atomic on one filesystem
@@ -139,13 +149,13 @@ class LocalStore:
     def size(self, key: str) -> int:
         p = self._path(key)
         if not p.is_file():
-            raise StoreError(f"{key} is not in the store")
+            raise StoreError(f"{key} is not in the store", key=key)
         return p.stat().st_size
 
     def open(self, key: str) -> BinaryIO:
         p = self._path(key)
         if not p.is_file():
-            raise StoreError(f"{key} is not in the store")
+            raise StoreError(f"{key} is not in the store", key=key)
         return open(p, "rb")
 
     def iter_bytes(self, key: str, start: int = 0, end: int | None = None,
@@ -172,7 +182,7 @@ def _read_range(f: BinaryIO, start: int, stop: int, chunk_size: int) -> Iterator
         while left > 0:
             block = f.read(min(chunk_size, left))
             if not block:
-                raise StoreError(f"{getattr(f, 'name', 'file')} ended {left} bytes early")
+                raise StoreError(f"{getattr(f, 'name', 'file')} ended {left} bytes early", code="unavailable")
             left -= len(block)
             yield block
 
@@ -192,9 +202,9 @@ def make_store(settings: Any) -> ArtifactStore:
         from .s3 import S3Store
 
         if not settings.s3_bucket:
-            raise StoreError("SPINQUANT_STORE=s3 needs a bucket: set SPINQUANT_S3_BUCKET")
+            raise StoreError("SPINQUANT_STORE=s3 needs a bucket: set SPINQUANT_S3_BUCKET", code="misconfigured")
         key_id, secret = settings.s3_access_key_id, settings.s3_secret_access_key
         return S3Store(bucket=settings.s3_bucket, prefix=settings.s3_prefix, endpoint_url=settings.s3_endpoint_url,
                        region=settings.s3_region, access_key_id=key_id.get_secret_value() if key_id else None,
                        secret_access_key=secret.get_secret_value() if secret else None, work_root=settings.work_root)
-    raise StoreError(f"unknown store {kind!r}; accepted: 'local' or 's3'")
+    raise StoreError(f"unknown store {kind!r}; accepted: 'local' or 's3'", code="misconfigured")
