@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,6 +29,9 @@ from .schemas import DataRef, JobCreate
 
 # Data sources come only from the calib/eval fields: a free-form source could read any file on a worker.
 _SOURCE_KEYS = {"calib_source", "eval_source", "calib.source", "eval.source", "calib", "eval"}
+
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
@@ -159,8 +163,18 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
         live.publish_end(redis, job.id, {"status": SUCCEEDED, "cache_hit": True, "reused_from": done.id},
                          settings.events_ttl_s)
         return Created(job, cache_hit=True)
-    live.publish_event(redis, job.id, "status", {"status": QUEUED})
-    enqueue(sender, job.id, soft, hard)
+    try:
+        live.publish_event(redis, job.id, "status", {"status": QUEUED})
+        enqueue(sender, job.id, soft, hard)
+    except Exception as exc:
+        # Redis (the broker) did not take the job: a row left 'queued' with no message behind it would never run,
+        # and an Idempotency-Key retry would replay it. The row goes; a message that did get through finds no
+        # row and is dropped by the worker.
+        log.warning("job %s: enqueue failed (%s); the row is removed", job.id, type(exc).__name__)
+        db.delete(job)
+        db.commit()
+        raise RequestError(503, ["service", "queue"], f"the job queue (Redis) is unavailable ({type(exc).__name__}); "
+                           "nothing was recorded: retry later", "unavailable") from None
     return Created(job)
 
 

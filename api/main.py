@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import kombu.exceptions
 import redis
 import redis.asyncio as aioredis
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +29,7 @@ from .routes import jobs, system, texts
 
 # HTTP status of each service.storage.StoreError code: a store that did not answer (or answered short) is 503, to
 # retry; only a missing key is 404
+RETRY_AFTER_S = "30"  # seconds a 503 (a dependency that does not answer) asks the client to wait
 STORE_ERROR_STATUS = {"not_found": 404, "bad_key": 400, "exists": 409, "bad_range": 416, "unavailable": 503,
                       "misconfigured": 500}
 
@@ -106,12 +109,24 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": [{"loc": exc.loc, "msg": exc.msg, "type": exc.kind}]}, status_code=exc.status)
+        return JSONResponse({"detail": [{"loc": exc.loc, "msg": exc.msg, "type": exc.kind}]}, status_code=exc.status,
+                            headers={"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None)
+
+    # A dependency that does not answer (Redis, the database) is 503 with Retry-After, never a bare 500: the
+    # request may be retried as it is
+    async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
+        what = "the database" if isinstance(exc, sqlalchemy.exc.DBAPIError) else "Redis"
+        return JSONResponse({"detail": f"{what} is unavailable ({type(exc).__name__}); retry later",
+                             "code": "unavailable"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+
+    for kind in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
+                 sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
+        app.add_exception_handler(kind, _dependency_down)
 
     @app.exception_handler(StoreError)
     async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
         status = STORE_ERROR_STATUS[exc.code]
-        headers = {"Retry-After": "30"} if status == 503 else None
+        headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
         return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=status, headers=headers)
 
     app.include_router(jobs.router)
