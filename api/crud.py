@@ -139,7 +139,8 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
               scheme=cfg.scheme, request=job_in.model_dump(mode="json"), config=config_to_dict(cfg), formats=formats,
               fingerprint=fp, idempotency_key=idempotency_key, soft_limit_s=soft, hard_limit_s=hard,
               stage_times={})
-    done = None if job_in.force else db.scalar(
+    # an unverified pin (the hub not asked) may name other weights than the finished job's: never a cache hit
+    done = None if job_in.force or not ref.cacheable else db.scalar(
         select(Job).where(Job.fingerprint == fp, Job.status == SUCCEEDED, Job.reused_from.is_(None))
         .order_by(Job.finished_at.desc()).limit(1))
     if done is not None:  # cache hit: a finished row sharing the same stored files; nothing runs

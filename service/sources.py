@@ -16,6 +16,8 @@ from quant_core.errors import UserError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 LOCAL_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)*$")
 LOCAL_PREFIX = "local:"
+UNVERIFIED = "unverified:"  # a hub pin the hub was not asked for (hub check off, or the hub did not answer)
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")  # a full git commit id: names the same files forever
 UPLOAD_PREFIX = "upload:"
 
 
@@ -34,6 +36,13 @@ class ModelRef:
     model: str  # as the worker receives it: 'local:<name>' or a hub id
     pin: str  # what identifies the weights for caching (folder stamp, or the hub commit)
     weight_bytes: int | None
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the pin names fixed weights, so a finished job with it may be reused: not so for an
+        ``unverified:`` branch or tag (``main`` moves on the hub while the pin stays the same), unless the
+        revision asked for is itself a full commit id."""
+        return not self.pin.startswith(UNVERIFIED) or bool(COMMIT_SHA.match(self.pin.removeprefix(UNVERIFIED)))
 
 
 def text_key(sha256: str) -> str:
@@ -86,7 +95,7 @@ def _hub_lookup(model: str, revision: str | None) -> tuple[str, int | None]:
     except RepositoryNotFoundError:
         raise SourceError("model", f"unknown model {model!r}: no such Hugging Face repository (or it is private)") from None
     except Exception:  # hub unreachable: accept; the worker fails the job with bad_model if it is wrong
-        return f"unverified:{revision or 'main'}", None
+        return f"{UNVERIFIED}{revision or 'main'}", None
     st = getattr(info, "safetensors", None)
     total = getattr(st, "total", None) if st is not None else None
     return str(info.sha or revision or "main"), (int(total) * 2 if total else None)
@@ -107,4 +116,4 @@ def resolve_model_ref(*, model: str, revision: str | None, models_dir: Path | No
     if hub_check:
         sha, weight_bytes = _hub_lookup(model, revision)
         return ModelRef(model=model, pin=sha, weight_bytes=weight_bytes)
-    return ModelRef(model=model, pin=f"unverified:{revision or 'main'}", weight_bytes=None)
+    return ModelRef(model=model, pin=f"{UNVERIFIED}{revision or 'main'}", weight_bytes=None)
