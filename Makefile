@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup redis real-model lint test test-fast demo serve bench-accuracy bench-real bench-service check-deploy fixtures clean
+.PHONY: setup redis real-model lint test test-faults test-fast demo serve bench-accuracy bench-real bench-service bench-fuzz check-deploy fixtures clean
 
 setup: $(STAMP) redis
 
@@ -34,8 +34,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# Two budgets: the suite (under 15 minutes on 2 cores), then the fault-injection and fuzz tests (marker
+# `faults`: dependencies killed under the real stack, the OpenAPI fuzz; about 3 minutes), each timed.
 test: setup real-model lint
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not faults"
+	$(PY) -m pytest -m faults
+
+test-faults: setup
+	$(PY) -m pytest -m faults
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
@@ -58,6 +64,10 @@ bench-real: setup real-model
 
 bench-service: setup
 	$(PY) bench/service_load.py --json runs/bench/service.json
+
+# the API fuzzed from its OpenAPI schema (schemathesis) on a fresh stack: >= 6,000 requests
+bench-fuzz: setup
+	$(PY) bench/fuzz.py --json runs/bench/fuzz.json
 
 # docker compose config + hadolint, without a Docker engine (also run by make test).
 check-deploy: setup

@@ -159,6 +159,13 @@ class TextPublic(BaseModel):
 
 
 class Problem(BaseModel):
-    """Every 4xx/5xx body: FastAPI's shape, a detail string or a list of {loc, msg, type}."""
+    """Every 4xx/5xx body: FastAPI's shape, a detail string or a list of {loc, msg, type}; a dependency or store
+    failure adds its code (``unavailable``, ``not_found``, ...)."""
 
     detail: str | list[dict[str, Any]]
+    code: str | None = None
+
+
+# Every route behind a bearer token answers 401 without a valid one (api.deps.current_owner)
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"model": Problem,
+                                                      "description": "missing, invalid or revoked bearer token"}}

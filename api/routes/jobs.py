@@ -17,6 +17,7 @@ from .. import crud
 from ..deps import DbDep, OwnerDep, ServicesDep, get_owner
 from ..events import EVENT_ID, job_events
 from ..schemas import (
+    UNAUTHORIZED,
     ArtifactPublic,
     ErrorInfo,
     JobAccepted,
@@ -30,8 +31,10 @@ from ..schemas import (
     Status,
 )
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=UNAUTHORIZED)
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such job for this token"}}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"model": Problem, "description": (
+    "a dependency (Redis, the database, the artifact store) does not answer; retry after Retry-After seconds")}}
 
 
 def links(job_id: str) -> Links:
@@ -66,8 +69,10 @@ def _visible(db: DbDep, owner: OwnerDep, job_id: str) -> Job:
     return job
 
 
-@router.post("", status_code=202, response_model=JobAccepted,
-             responses={422: {"model": Problem, "description": "a setting, model or data reference is not valid"}})
+@router.post("", status_code=202, response_model=JobAccepted, responses={
+    200: {"model": JobAccepted, "description": "idempotent replay: the job this Idempotency-Key already made"},
+    400: {"model": Problem, "description": "Idempotency-Key is not 1-200 characters"},
+    422: {"model": Problem, "description": "a setting, model or data reference is not valid"}, **UNAVAILABLE})
 def submit_job(job_in: JobCreate, db: DbDep, owner: OwnerDep, services: ServicesDep, response: Response,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JobAccepted:
     """Submit a quantization job; identical finished jobs are reused unless force is set."""
@@ -105,7 +110,8 @@ def get_job(job_id: str, db: DbDep, owner: OwnerDep, services: ServicesDep) -> J
 
 
 @router.get("/{job_id}/events", responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}},
-                                                              "description": "stage, progress, log, status, end"}})
+                                                              "description": "stage, progress, log, status, end"},
+                                          400: {"model": Problem, "description": "Last-Event-ID is not an event id"}})
 async def job_events_stream(job_id: str, request: Request, services: ServicesDep,
                             last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> StreamingResponse:
     """Server-Sent Events: the job's events replayed from Last-Event-ID, then live until it ends."""
@@ -147,7 +153,11 @@ def list_artifacts(job_id: str, db: DbDep, owner: OwnerDep) -> list[ArtifactPubl
 
 
 @router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse,
-            responses={**NOT_FOUND, 206: {"description": "partial content (Range)"}, 304: {"description": "ETag matched"}})
+            responses={**NOT_FOUND, 206: {"description": "partial content (Range)"}, 304: {"description": "ETag matched"},
+                       400: {"model": Problem, "description": "malformed Range header"},
+                       410: {"model": Problem, "description": "the artifact is no longer in the store"},
+                       416: {"model": Problem, "description": "the range starts past the end of the file"},
+                       **UNAVAILABLE})
 def download_artifact(job_id: str, name: str, request: Request, db: DbDep, owner: OwnerDep,
                       services: ServicesDep) -> Response:
     """Download one file; supports Range, and ETag (its sha256) with If-None-Match."""

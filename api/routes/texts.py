@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query, Request
 
 from .. import crud
 from ..deps import DbDep, OwnerDep, ServicesDep
-from ..schemas import Problem, TextPublic
+from ..schemas import UNAUTHORIZED, Problem, TextPublic
 
-router = APIRouter(prefix="/v1/texts", tags=["texts"])
+router = APIRouter(prefix="/v1/texts", tags=["texts"], responses=UNAUTHORIZED)
 
 
 @router.post("", status_code=201, response_model=TextPublic,
