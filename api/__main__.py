@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     c = tsub.add_parser("create", help="create a token and print it (shown once)")
     c.add_argument("--name", required=True)
     c.add_argument("--admin", action="store_true", help="sees and cancels every owner's jobs")
-    c.add_argument("--json", action="store_true", help="print {id, name, admin, token} as JSON")
+    c.add_argument("--read-only", action="store_true",
+                   help="reads only (a dashboard, a monitor): submit, cancel and upload answer 403")
+    c.add_argument("--json", action="store_true", help="print {id, name, admin, read_only, token} as JSON")
     tsub.add_parser("list", help="list tokens (never their secrets)")
     r = tsub.add_parser("revoke", help="revoke a token by id")
     r.add_argument("id")
@@ -73,18 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     with sessions() as session:
         if a.tcmd == "create":
             try:
-                row, secret = auth.create_token(db=session, name=a.name, admin=a.admin)
+                row, secret = auth.create_token(db=session, name=a.name, admin=a.admin, read_only=a.read_only)
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
             if a.json:
-                print(json.dumps({"id": row.id, "name": row.name, "admin": row.admin, "token": secret}))
+                print(json.dumps({"id": row.id, "name": row.name, "admin": row.admin, "read_only": row.read_only,
+                                  "token": secret}))
             else:
                 print(secret)
             return 0
         if a.tcmd == "list":
             for t in session.scalars(select(Token).order_by(Token.created_at)):
-                print(f"{t.id}  {t.name:<20} admin={t.admin} revoked={t.revoked} created={t.created_at:%Y-%m-%d %H:%M}")
+                print(f"{t.id}  {t.name:<20} admin={t.admin} read_only={t.read_only} revoked={t.revoked} "
+                      f"created={t.created_at:%Y-%m-%d %H:%M}")
             return 0
         if a.tcmd == "revoke":
             if not auth.revoke(db=session, token_id=a.id):

@@ -21,13 +21,14 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(*, db: Session, name: str, admin: bool = False) -> tuple[Token, str]:
-    """A new token row and the secret (returned once, never stored)."""
+def create_token(*, db: Session, name: str, admin: bool = False, read_only: bool = False) -> tuple[Token, str]:
+    """A new token row and the secret (returned once, never stored). A read-only token reads what its owner
+    (every owner's, with admin) may read, and may not submit, cancel or upload."""
     name = name.strip()
     if not name or len(name) > 100:
         raise ValueError("token name must be 1-100 characters")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = Token(name=name, token_hash=hash_token(secret), admin=admin)
+    row = Token(name=name, token_hash=hash_token(secret), admin=admin, read_only=read_only)
     db.add(row)
     db.commit()
     return row, secret

@@ -12,14 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from quant_core.config import ALIASES, ConfigError, SpinQuantConfig, config_to_dict, make_config
 from quant_core.formats import ExportError, check_formats
 from service import live, sources
-from service.db import CANCELLED, QUEUED, SUCCEEDED, TERMINAL, Artifact, Job, Token, UploadedText, utcnow
+from service.db import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Artifact, Job, Token, UploadedText, utcnow
 from service.queue import enqueue, time_limits
 from service.settings import ApiSettings
 from service.sources import UPLOAD_PREFIX, ModelRef, SourceError, text_key
@@ -151,6 +151,8 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
         job.stage_times = {}
         job.artifacts = [Artifact(name=a.name, bytes=a.bytes, sha256=a.sha256, store_key=a.store_key)
                          for a in done.artifacts]
+    if done is None:
+        _check_active_limit(db, owner, settings.max_active_jobs)
     db.add(job)
     try:
         db.commit()
@@ -177,6 +179,20 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
         raise RequestError(503, ["service", "queue"], f"the job queue (Redis) is unavailable ({type(exc).__name__}); "
                            "nothing was recorded: retry later", "unavailable") from None
     return Created(job)
+
+
+def _check_active_limit(db: Session, owner: Token, limit: int) -> None:
+    """429 when the token already has ``limit`` queued or running jobs (a shared GPU pool's fair share; cache hits
+    and idempotent replays run nothing and never count). Checked at submission: two submits racing at the limit
+    may both pass, by one."""
+    if limit <= 0:
+        return
+    active = db.scalar(select(func.count()).select_from(Job).where(Job.owner_id == owner.id,
+                                                                   Job.status.in_((QUEUED, RUNNING)))) or 0
+    if active >= limit:
+        raise RequestError(429, ["header", "Authorization"], f"this token has {active} queued or running jobs, the "
+                           f"most allowed (SPINQUANT_MAX_ACTIVE_JOBS={limit}); submit again when one has finished",
+                           "too_many_jobs")
 
 
 def visible_job(*, db: Session, owner: Token, job_id: str) -> Job | None:

@@ -63,3 +63,14 @@ def get_owner(request: Request, db: DbDep) -> Token:
 
 
 OwnerDep = Annotated[Token, Depends(get_owner)]
+
+
+def get_writer(owner: OwnerDep) -> Token:
+    """The owner, for a route that changes something (submit, cancel, upload): 403 for a read-only token."""
+    if owner.read_only:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this token is read-only; submit, cancel and upload need a "
+                            "token created without --read-only")
+    return owner
+
+
+WriterDep = Annotated[Token, Depends(get_writer)]

@@ -110,7 +110,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": [{"loc": exc.loc, "msg": exc.msg, "type": exc.kind}]}, status_code=exc.status,
-                            headers={"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None)
+                            headers={"Retry-After": RETRY_AFTER_S} if exc.status in (429, 503) else None)
 
     # A dependency that does not answer (Redis, the database) is 503 with Retry-After, never a bare 500: the
     # request may be retried as it is

@@ -132,8 +132,9 @@ class Stack:
             raise
         return self
 
-    def token(self, name: str = "demo", admin: bool = False) -> str:
+    def token(self, name: str = "demo", admin: bool = False, read_only: bool = False) -> str:
         cmd = [sys.executable, "-m", "api", "tokens", "create", "--name", name, "--json"] + (["--admin"] if admin else [])
+        cmd += ["--read-only"] if read_only else []
         out = subprocess.run(cmd, cwd=ROOT, env=self.env, check=True, capture_output=True, text=True).stdout
         return json.loads(out)["token"]
 

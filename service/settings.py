@@ -99,6 +99,7 @@ class ApiSettings(SharedSettings):
     hub_check: bool = True  # ask the Hugging Face hub whether a model id exists at submission
     max_body_bytes: int = Field(default=64 << 20, ge=1024)  # larger request bodies get 413 (texts included)
     max_jobs_listed: int = Field(default=200, ge=1)  # page size cap of GET /v1/jobs
+    max_active_jobs: int = Field(default=20, ge=0)  # queued + running jobs per token; past it a submit is 429; 0 = none
     sse_block_ms: int = Field(default=15000, ge=100)  # how long one XREAD waits before a keep-alive comment
     auto_migrate: bool = True  # run Alembic migrations to head when the API starts
 

@@ -14,7 +14,7 @@ from service.db import TERMINAL, Job
 from service.storage import ArtifactStore, StoreError
 
 from .. import crud
-from ..deps import DbDep, OwnerDep, ServicesDep, get_owner
+from ..deps import DbDep, OwnerDep, ServicesDep, WriterDep, get_owner
 from ..events import EVENT_ID, job_events
 from ..schemas import (
     UNAUTHORIZED,
@@ -33,6 +33,7 @@ from ..schemas import (
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=UNAUTHORIZED)
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "no such job for this token"}}
+READ_ONLY: dict[int | str, dict[str, Any]] = {403: {"model": Problem, "description": "the token is read-only"}}
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"model": Problem, "description": (
     "a dependency (Redis, the database, the artifact store) does not answer; retry after Retry-After seconds")}}
 
@@ -71,9 +72,11 @@ def _visible(db: DbDep, owner: OwnerDep, job_id: str) -> Job:
 
 @router.post("", status_code=202, response_model=JobAccepted, responses={
     200: {"model": JobAccepted, "description": "idempotent replay: the job this Idempotency-Key already made"},
-    400: {"model": Problem, "description": "Idempotency-Key is not 1-200 characters"},
+    400: {"model": Problem, "description": "Idempotency-Key is not 1-200 characters"}, **READ_ONLY,
+    429: {"model": Problem, "description": "the token has SPINQUANT_MAX_ACTIVE_JOBS queued or running jobs; "
+                                           "retry after Retry-After seconds"},
     422: {"model": Problem, "description": "a setting, model or data reference is not valid"}, **UNAVAILABLE})
-def submit_job(job_in: JobCreate, db: DbDep, owner: OwnerDep, services: ServicesDep, response: Response,
+def submit_job(job_in: JobCreate, db: DbDep, owner: WriterDep, services: ServicesDep, response: Response,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JobAccepted:
     """Submit a quantization job; identical finished jobs are reused unless force is set."""
     created = crud.create_job(db=db, owner=owner, job_in=job_in, idempotency_key=idempotency_key,
@@ -137,8 +140,8 @@ async def job_events_stream(job_id: str, request: Request, services: ServicesDep
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=NOT_FOUND)
-def cancel_job(job_id: str, db: DbDep, owner: OwnerDep, services: ServicesDep) -> JobPublic:
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={**NOT_FOUND, **READ_ONLY})
+def cancel_job(job_id: str, db: DbDep, owner: WriterDep, services: ServicesDep) -> JobPublic:
     """Cancel: a queued job ends now; a running one stops at its next learning step, layer or window."""
     job = _visible(db, owner, job_id)
     job = crud.request_cancel(db=db, job=job, sender=services.sender, redis=services.redis, settings=services.settings)
