@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -32,6 +33,7 @@ _SOURCE_KEYS = {"calib_source", "eval_source", "calib.source", "eval.source", "c
 
 
 log = logging.getLogger(__name__)
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # visible ASCII, as HTTP header tokens
 
 
 class RequestError(Exception):
@@ -122,8 +124,9 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
                sender: Any, redis: Any) -> Created:
     """Validate, dedupe (Idempotency-Key, finished identical job), record, then enqueue by name."""
     if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= 200:
-            raise RequestError(400, ["header", "Idempotency-Key"], "Idempotency-Key must be 1-200 characters")
+        if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise RequestError(400, ["header", "Idempotency-Key"], "Idempotency-Key must be 1-200 visible ASCII "
+                               "characters (no spaces or control characters)")
         prior = _find_by_key(db, owner, idempotency_key)
         if prior is not None:
             return _replay(prior, job_in)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -27,6 +28,10 @@ KV_BITS = (4, 8, 16)  # 16 = KV cache not quantized
 PLACEMENTS = ("auto", "whole", "layers")  # where the weights rest while a job runs (SpinQuantConfig.placement)
 STE_MODES = ("range", "identity")  # rotation-learning gradient through the fake quantizers (TrainConfig.ste)
 MAX_STEPS = 100_000  # the most end-to-end steps, and the most pre-fit steps, a job may ask for
+# A Hugging Face model id, org/name (ASCII: `\w` alone would take any letter; match it with fullmatch, since `$`
+# lets a trailing newline through). The CLI's loader and the service's submission check both use it.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", re.ASCII)
+MAX_COUNT = 1 << 24  # the most windows, blocks or sequences any count may name (16.7M: far past any real job)
 TRAIN_LOSSES = ("kl", "ce")  # rotation-learning loss (TrainConfig.loss); quant_core.losses implements both
 
 
@@ -115,7 +120,7 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         _check_float(self.damp, "weights.gptq.damp", 0.0, 1.0)
         _check_bool(self.act_order, "weights.gptq.act_order")
-        _check_int(self.block_size, "weights.gptq.block_size", 1)
+        _check_int(self.block_size, "weights.gptq.block_size", 1, MAX_COUNT)
         _check_bool(self.static_groups, "weights.gptq.static_groups")
 
 
@@ -213,12 +218,12 @@ class TrainConfig:
         _check_int(self.steps, "train.steps", 0, MAX_STEPS)
         _check_float(self.lr, "train.lr", 0.0, 1000.0)
         _check_float(self.grad_clip, "train.grad_clip", 0.0, 1e9)
-        _check_int(self.batch_size, "train.batch_size", 1)
-        _check_int(self.micro_batch, "train.micro_batch", 1)
+        _check_int(self.batch_size, "train.batch_size", 1, MAX_COUNT)
+        _check_int(self.micro_batch, "train.micro_batch", 1, MAX_COUNT)
         if self.batch_size % self.micro_batch:
             raise ConfigError("train.batch_size", f"train.batch_size={self.batch_size} is not a multiple of "
                               f"train.micro_batch={self.micro_batch}")
-        _check_int(self.samples, "train.samples", 1)
+        _check_int(self.samples, "train.samples", 1, MAX_COUNT)
         _check_bool(self.step_cap, "train.step_cap")
         _check_bool(self.checkpoint_layers, "train.checkpoint_layers")
         if self.train_w_bits is not None:
@@ -240,9 +245,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("source", "data source is empty", "a datasets name such as 'wikitext2' or 'file:<path>'")
-        _check_int(self.samples, "samples", 1)
+        _check_int(self.samples, "samples", 1, MAX_COUNT)
         _check_int(self.seq_len, "seq_len", 8, 1 << 20)
-        _check_int(self.max_windows, "max_windows", 0)
+        _check_int(self.max_windows, "max_windows", 0, MAX_COUNT)
 
 
 @dataclass(frozen=True)

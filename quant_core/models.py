@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import HUB_ID
 from .errors import ModelError as ModelError
 from .hadamard import HadamardPlan, apply_plan
 from .quantizers import fake_quant_act
@@ -370,7 +370,6 @@ class ModelSource:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def resolve_model(model: str, revision: str | None = None, cache_dir: str | None = None) -> ModelSource:
@@ -385,7 +384,7 @@ def resolve_model(model: str, revision: str | None = None, cache_dir: str | None
         return ModelSource(path=local.resolve(), model_id=str(model), revision=revision, config=_read_config(local))
     if local.exists():
         raise ModelError(f"{model} is a file; expected a directory in Hugging Face layout (config.json + *.safetensors)")
-    if not _HUB_ID.match(model):
+    if not HUB_ID.fullmatch(model):
         raise ModelError(f"model {model!r} is neither a local directory nor a Hugging Face id like 'org/name'")
     try:
         from huggingface_hub import HfApi, snapshot_download

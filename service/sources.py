@@ -11,13 +11,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from quant_core.config import HUB_ID
 from quant_core.errors import UserError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-LOCAL_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)*$")
+LOCAL_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)*", re.ASCII)  # with fullmatch
 LOCAL_PREFIX = "local:"
 UNVERIFIED = "unverified:"  # a hub pin the hub was not asked for (hub check off, or the hub did not answer)
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")  # a full git commit id: names the same files forever
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # a full git commit id: names the same files forever
 UPLOAD_PREFIX = "upload:"
 
 
@@ -42,7 +42,7 @@ class ModelRef:
         """Whether the pin names fixed weights, so a finished job with it may be reused: not so for an
         ``unverified:`` branch or tag (``main`` moves on the hub while the pin stays the same), unless the
         revision asked for is itself a full commit id."""
-        return not self.pin.startswith(UNVERIFIED) or bool(COMMIT_SHA.match(self.pin.removeprefix(UNVERIFIED)))
+        return not self.pin.startswith(UNVERIFIED) or bool(COMMIT_SHA.fullmatch(self.pin.removeprefix(UNVERIFIED)))
 
 
 def text_key(sha256: str) -> str:
@@ -60,7 +60,7 @@ def resolve_local(name: str, models_dir: Path | None) -> Path:
     if models_dir is None:
         raise SourceError("model", "local models are disabled on this server (no models directory configured); "
                           "use a Hugging Face id such as 'org/name'")
-    if not LOCAL_NAME.match(name) or ".." in name.split("/"):
+    if not LOCAL_NAME.fullmatch(name) or ".." in name.split("/"):
         raise SourceError("model", f"local model name {name!r} is not allowed; accepted: letters, digits, '.', '_', "
                           "'-' and '/' between names, inside the models directory")
     root = Path(models_dir).resolve()
@@ -110,7 +110,7 @@ def resolve_model_ref(*, model: str, revision: str | None, models_dir: Path | No
                                        for p in files).encode()).hexdigest()
         local_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
         return ModelRef(model=model, pin=stamp, weight_bytes=local_bytes)
-    if not HUB_ID.match(model):
+    if not HUB_ID.fullmatch(model):  # fullmatch: `$` would let a trailing newline through
         raise SourceError("model", f"model {model!r} is not valid; accepted: a Hugging Face id like "
                           "'meta-llama/Llama-3.2-1B' or 'local:<name>' from the server's models directory")
     if hub_check:

@@ -72,7 +72,7 @@ def _visible(db: DbDep, owner: OwnerDep, job_id: str) -> Job:
 
 @router.post("", status_code=202, response_model=JobAccepted, responses={
     200: {"model": JobAccepted, "description": "idempotent replay: the job this Idempotency-Key already made"},
-    400: {"model": Problem, "description": "Idempotency-Key is not 1-200 characters"}, **READ_ONLY,
+    400: {"model": Problem, "description": "Idempotency-Key is not 1-200 visible ASCII characters"}, **READ_ONLY,
     429: {"model": Problem, "description": "the token has SPINQUANT_MAX_ACTIVE_JOBS queued or running jobs; "
                                            "retry after Retry-After seconds"},
     422: {"model": Problem, "description": "a setting, model or data reference is not valid"}, **UNAVAILABLE})
