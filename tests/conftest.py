@@ -125,26 +125,11 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
     import os
     import signal
     import subprocess
-    import sys
 
-    import httpx
+    from tests.stack_helpers import start_moto
 
-    from scripts.stack import free_port, wait_until
-    from tests.stack_helpers import S3Server
-
-    root = tmp_path_factory.mktemp("s3")
-    port = free_port()
-    log = root / "moto.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
-    server = S3Server(endpoint_url=f"http://127.0.0.1:{port}", bucket="spinquant-test")
+    proc, server = start_moto(tmp_path_factory.mktemp("s3"), "spinquant-test")
     try:
-        def up() -> bool:
-            return httpx.get(server.endpoint_url + "/", timeout=2).status_code == 200
-
-        wait_until(up, "moto S3 server", 60, proc, log)
-        server.client().create_bucket(Bucket=server.bucket)
         yield server
     finally:
         if proc.poll() is None:

@@ -113,3 +113,23 @@ class S3Server:
                 "SPINQUANT_S3_ENDPOINT_URL": self.endpoint_url, "SPINQUANT_S3_REGION": self.region,
                 "SPINQUANT_S3_ACCESS_KEY_ID": self.access_key_id,
                 "SPINQUANT_S3_SECRET_ACCESS_KEY": self.secret_access_key, "SPINQUANT_S3_PREFIX": prefix}
+
+
+def start_moto(root: Path, bucket: str) -> tuple[Any, S3Server]:
+    """moto's standalone S3 server as a real subprocess (its own session) on a free port, up, with ``bucket``."""
+    import subprocess
+    import sys
+
+    from scripts.stack import free_port, wait_until
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = root / "moto.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    server = S3Server(endpoint_url=f"http://127.0.0.1:{port}", bucket=bucket)
+    wait_until(lambda: httpx.get(server.endpoint_url + "/", timeout=2).status_code == 200, "moto S3 server", 60,
+               proc, log)
+    server.client().create_bucket(Bucket=server.bucket)
+    return proc, server

@@ -10,33 +10,22 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from scripts.stack import Stack, free_port, wait_until
+from scripts.stack import Stack
 from service.storage import STORE_ERROR_CODES, StoreError
-from tests.stack_helpers import Api, S3Server
+from tests.stack_helpers import Api, S3Server, start_moto
 
 pytestmark = pytest.mark.faults
 
 
 def _moto(root: Path) -> tuple[subprocess.Popen, S3Server]:
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = root / "moto.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
-    server = S3Server(endpoint_url=f"http://127.0.0.1:{port}", bucket="faults")
-    wait_until(lambda: httpx.get(server.endpoint_url + "/", timeout=2).status_code == 200, "moto", 60, proc, log)
-    server.client().create_bucket(Bucket=server.bucket)
-    return proc, server
+    return start_moto(root, "faults")
 
 
 def _kill(proc: subprocess.Popen) -> None:
