@@ -27,9 +27,9 @@ from .crud import RequestError
 from .deps import Services
 from .routes import jobs, system, texts
 
+RETRY_AFTER_S = "30"  # seconds a 429 or 503 (a dependency that does not answer) asks the client to wait
 # HTTP status of each service.storage.StoreError code: a store that did not answer (or answered short) is 503, to
 # retry; only a missing key is 404
-RETRY_AFTER_S = "30"  # seconds a 503 (a dependency that does not answer) asks the client to wait
 STORE_ERROR_STATUS = {"not_found": 404, "bad_key": 400, "exists": 409, "bad_range": 416, "unavailable": 503,
                       "misconfigured": 500}
 

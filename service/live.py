@@ -20,7 +20,8 @@ from quant_core.config import MAX_STEPS
 # Last-Event-ID resumes read from it), so the cap only guards Redis against a runaway writer: no valid job
 # reaches it. About 250 bytes an event: a 100-step job's stream is ~0.2 MB, the largest possible ~50 MB, and
 # every stream expires after its job ends.
-EVENTS_PER_STAGE = 102
+PROGRESS_EVENT_STEP = 0.01  # outside learning, a stage publishes a progress event per this much of its fraction
+EVENTS_PER_STAGE = round(1 / PROGRESS_EVENT_STEP) + 2  # those, its start and its end: 102
 STREAM_MAXLEN = 2 * MAX_STEPS + 8 * EVENTS_PER_STAGE + 1000
 
 

@@ -91,7 +91,7 @@ class Publisher:
         # stays within service.live.STREAM_MAXLEN whatever its length and no replay loses its start. The hash
         # above has the latest state on every call.
         _, last_frac, _ = self.last_event
-        if changed or stage == "learn" or fraction >= 1.0 or fraction - last_frac >= 0.01:
+        if changed or stage == "learn" or fraction >= 1.0 or fraction - last_frac >= live.PROGRESS_EVENT_STEP:
             live.publish_event(self.redis, self.job_id, "progress", {
                 "stage": stage, "stage_fraction": round(fraction, 6), "progress": round(self.overall, 6),
                 "eta_s": self.eta, **_clean(info)})
