@@ -5,8 +5,10 @@ Run: ``python -m api serve`` or ``uvicorn api.main:app``. Settings come from SPI
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import kombu.exceptions
@@ -21,11 +23,14 @@ from service.db import make_engine, make_sessionmaker, migrate
 from service.queue import make_sender
 from service.settings import ApiSettings, api_settings
 from service.storage import StoreError, make_store
+from service.sweeper import Sweeper
 
 from . import dashboard
 from .crud import RequestError
 from .deps import Services
 from .routes import jobs, system, texts
+
+log = logging.getLogger("api.main")
 
 RETRY_AFTER_S = "30"  # seconds a 429 or 503 (a dependency that does not answer) asks the client to wait
 # HTTP status of each service.storage.StoreError code: a store that did not answer (or answered short) is 503, to
@@ -91,6 +96,25 @@ def build_services(settings: ApiSettings) -> Services:
                     store=make_store(settings))
 
 
+async def sweep_forever(services: Services, settings: ApiSettings) -> None:
+    """The sweeper's loop (service/sweeper.py), in a thread per sweep: one API process at a time holds the lease."""
+    sweeper = Sweeper(sessions=services.sessions, redis=services.redis, sender=services.sender,
+                      grace_s=settings.sweep_grace_s, events_ttl_s=settings.events_ttl_s, store=services.store)
+
+    def once() -> None:
+        if sweeper.lead(3 * settings.sweep_interval_s):
+            result = sweeper.sweep()
+            if result.resent or result.timed_out:
+                log.warning("sweeper: re-sent %s, timed out %s", list(result.resent), list(result.timed_out))
+
+    while True:
+        await asyncio.sleep(settings.sweep_interval_s)
+        try:
+            await asyncio.to_thread(once)
+        except Exception:  # Redis or the database down: the next sweep tries again
+            log.warning("sweeper: this sweep failed", exc_info=True)
+
+
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or api_settings()
 
@@ -99,7 +123,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         if settings.auto_migrate:
             migrate(settings.database_url)
         app.state.services = build_services(settings)
+        sweeping = asyncio.create_task(sweep_forever(app.state.services, settings)) if settings.sweep_interval_s else None
         yield
+        if sweeping is not None:
+            sweeping.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeping
         await app.state.services.aredis.aclose()
         app.state.services.redis.close()
 

@@ -1,4 +1,5 @@
-"""Service benchmark: job overhead (submit -> worker start, finish -> downloadable) and status-read throughput.
+"""Service benchmark: job overhead (submit -> worker start, finish -> downloadable) and status-read throughput;
+with --load N, N submissions from --clients concurrent clients (own tokens) while status reads run.
 
 Starts the real stack (redis-server, the API over HTTP, one Celery worker) in a temp folder, runs a
 few small RTN jobs on the fixture one after another, and hammers GET /v1/jobs/{id} from several
@@ -6,6 +7,7 @@ client threads. Prints a table and writes JSON. Absolute times here are noisy (2
 compare the rows with each other.
 
     .venv/bin/python bench/service_load.py --json runs/bench/service.json
+    .venv/bin/python bench/service_load.py --jobs 1 --load 200 --clients 20 --json runs/bench/service-load.json
 """
 
 from __future__ import annotations
@@ -103,19 +105,96 @@ def read_throughput(url: str, token: str, path: str, threads: int, seconds: floa
             "p50_ms": 1000 * _pct(lat, 0.5), "p99_ms": 1000 * _pct(lat, 0.99)}
 
 
+def load_test(stack: Stack, n: int, clients: int, threads: int) -> dict[str, Any]:
+    """``n`` RTN submissions from ``clients`` threads (each its own token, as separate CI systems are), one worker
+    draining them; status reads (GET /v1/jobs/{id}) from ``threads`` more while the queue drains. Then every job
+    must have succeeded exactly once: one row per submission, attempts 1, one 'succeeded' status event."""
+    train = (FIXTURE_TEXT / "train.txt").read_bytes()[:100_000]
+    evals = (FIXTURE_TEXT / "test.txt").read_bytes()[:60_000]
+    from sqlalchemy import func, select
+
+    from service.db import TERMINAL, Job, make_engine, make_sessionmaker
+
+    sessions = make_sessionmaker(make_engine(stack.database_url))
+
+    def count(*where: Any) -> int:
+        with sessions() as db:
+            return int(db.scalar(select(func.count()).select_from(Job).where(*where)) or 0)
+
+    rows_before = count()
+    tokens = [stack.token(f"load-{i}") for i in range(clients)]
+    submit_lat: list[float] = []
+    ids: list[str] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {tokens[i]}"}, timeout=60) as c:
+            calib = c.post("/v1/texts", params={"name": "train"}, content=train).json()["id"]
+            ev = c.post("/v1/texts", params={"name": "test"}, content=evals).json()["id"]
+            for k in range(i, n, clients):
+                body = {"model": "local:llama-tiny", "method": "rtn", "settings": {
+                    "w_bits": 4, "seq_len": 64, "eval_windows": 1, "seed": k}, "calib": {"text_id": calib},
+                    "eval": {"text_id": ev}}
+                t = time.perf_counter()
+                r = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"load-{k}"})
+                d = time.perf_counter() - t
+                with lock:
+                    submit_lat.append(d)
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 202:
+                        ids.append(r.json()["id"])
+
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    submit_wall = time.monotonic() - t0
+    reads = read_throughput(stack.url, tokens[0], f"/v1/jobs/{ids[0]}", threads, 10.0) if ids else {}
+    admin = stack.token("load-admin", admin=True)
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {admin}"}, timeout=60) as c:
+        deadline = time.monotonic() + 6 * 3600
+        while time.monotonic() < deadline and count(Job.status.not_in(TERMINAL)):
+            time.sleep(2)
+        drain_wall = time.monotonic() - t0
+        jobs = [c.get(f"/v1/jobs/{i}").json() for i in ids]
+        once = 0
+        for j in jobs:
+            ends = 0
+            with c.stream("GET", f"/v1/jobs/{j['id']}/events", timeout=60) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: ") and '"status": "succeeded"' in line and '"attempt"' not in line:
+                        ends += 1
+                    if line.startswith("event: end"):
+                        break
+            once += j["status"] == "succeeded" and j["attempts"] == 1 and ends == 2  # the status event and 'end'
+    return {"submissions": n, "clients": clients, "http_statuses": statuses, "jobs_created": len(ids),
+            "distinct_ids": len(set(ids)), "rows_added": count() - rows_before,
+            "succeeded_exactly_once": once, "submit_p50_ms": 1000 * _pct(submit_lat, 0.5),
+            "submit_p99_ms": 1000 * _pct(submit_lat, 0.99), "submit_wall_s": submit_wall,
+            "drain_wall_s": drain_wall, "reads_under_load": reads}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=3)
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--load", type=int, default=0, help="submissions for the load test (0 = none)")
+    p.add_argument("--clients", type=int, default=20, help="concurrent submitting clients in the load test")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
+    load: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp, Stack(Path(tmp)) as stack:
         token = stack.token("bench")
         with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
             jobs = run_jobs(c, a.jobs)
             reads = [read_throughput(stack.url, token, f"/v1/jobs/{jobs[-1]['job']}", a.threads, a.seconds),
                      read_throughput(stack.url, token, "/v1/jobs?limit=50", a.threads, a.seconds)]
+        if a.load:
+            load = load_test(stack, a.load, a.clients, a.threads)
     keys = ["submit_http_s", "queued_to_started_s", "started_to_first_progress_s", "compute_s",
             "export_done_to_recorded_s", "recorded_to_downloaded_s", "submit_to_downloaded_s"]
     print(f"\nJob overhead over {len(jobs)} RTN W4 jobs on llama-tiny (median / max, seconds)")
@@ -129,11 +208,26 @@ def main() -> int:
     print(f"{'endpoint':<40}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for r in reads:
         print(f"{r['path'][:39]:<40}{r['req_per_s']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['errors']:>8}")
-    out = {"jobs": jobs, "overhead": summary, "reads": reads, "statuses": [j["status"] for j in jobs]}
+    if load:
+        r = load["reads_under_load"]
+        print(f"\nLoad: {load['submissions']} RTN submissions from {load['clients']} clients, one worker")
+        print(f"{'http statuses':<32}{json.dumps(load['http_statuses'])}")
+        print(f"{'jobs created / distinct / rows':<32}{load['jobs_created']} / {load['distinct_ids']} / "
+              f"{load['rows_added']}")
+        print(f"{'succeeded exactly once':<32}{load['succeeded_exactly_once']}")
+        print(f"{'submit p50 / p99 ms':<32}{load['submit_p50_ms']:.1f} / {load['submit_p99_ms']:.1f}")
+        print(f"{'submit wall / drain wall s':<32}{load['submit_wall_s']:.1f} / {load['drain_wall_s']:.1f}")
+        if r:
+            print(f"{'status reads under load':<32}{r['req_per_s']:.1f} req/s, p99 {r['p99_ms']:.1f} ms, "
+                  f"{r['errors']} errors ({r['threads']} threads)")
+    out = {"jobs": jobs, "overhead": summary, "reads": reads, "statuses": [j["status"] for j in jobs], "load": load}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=2))
-    return 0 if all(j["status"] == "succeeded" for j in jobs) else 1
+    ok = all(j["status"] == "succeeded" for j in jobs)
+    if load:
+        ok = ok and load["succeeded_exactly_once"] == load["submissions"] == load["distinct_ids"] == load["rows_added"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ ARG SOURCE_DATE_EPOCH
 
 # pip docs "Caching"; NVIDIA Container Toolkit "Driver capabilities": CUDA compute plus nvidia-smi; huggingface_hub
 # "Environment variables": HF_HOME is the model cache volume; the SPINQUANT_* paths live in the state folder.
+# Celery "Cold shutdown" (REMAP_SIGTERM): docker stop's SIGTERM gives the running job SPINQUANT_SHUTDOWN_TIMEOUT_S
+# to finish, then hands it back to the queue (read by billiard at import, so it must be in the environment).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -79,7 +81,8 @@ ENV PYTHONUNBUFFERED=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     HF_HOME=/var/cache/spinquant/huggingface \
     SPINQUANT_ARTIFACT_ROOT=/var/lib/spinquant/artifacts \
-    SPINQUANT_WORK_ROOT=/var/lib/spinquant/work
+    SPINQUANT_WORK_ROOT=/var/lib/spinquant/work \
+    REMAP_SIGTERM=SIGQUIT
 
 # Dockerfile reference "USER": a fixed non-root uid/gid (same as the API image's) owning state and model cache.
 RUN groupadd --system --gid 10001 spinquant \

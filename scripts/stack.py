@@ -22,6 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# SIGTERM stops a worker as a deploy should (QUEUE.md): a cold shutdown after the soft-shutdown wait, the running
+# job handed back to the queue. Without it Celery's warm shutdown waits for the job however long it runs, and the
+# orchestrator's SIGKILL then strands its message in the broker. Read by billiard as it is imported: an
+# environment variable of the worker process, set here and in docker/worker.Dockerfile.
+WORKER_ENV = {"REMAP_SIGTERM": "SIGQUIT"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,9 +83,9 @@ class Stack:
         })
         self.env.update(extra_env or {})
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps writing to it)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -114,7 +121,7 @@ class Stack:
         proc = self._spawn(f"worker-{name}", [
             py, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1", "-n", f"{name}@%h",
             "--prefetch-multiplier=1", "--max-tasks-per-child=1", "--pool=prefork", "--loglevel=INFO",
-            f"--statedb={self.root / (name + '.state')}"])
+            f"--statedb={self.root / (name + '.state')}"], env=WORKER_ENV)
         wait_until(lambda: "ready." in (self.root / f"worker-{name}.log").read_text(), "celery worker", 90, proc,
               self.root / f"worker-{name}.log")
         return proc

@@ -41,6 +41,26 @@ def lock_key(job_id: str) -> str:
     return f"job:{job_id}:lock"
 
 
+def started_key(job_id: str) -> str:
+    return f"job:{job_id}:started"
+
+
+def mark_started(redis: Any, job_id: str) -> None:
+    """When this attempt started, on the Redis server's clock: the one clock every host reads alike (the sweeper
+    compares it with its own TIME call, so a worker's skewed clock never decides a timeout)."""
+    seconds, micros = redis.time()
+    redis.set(started_key(job_id), f"{seconds + micros / 1e6:.6f}")
+
+
+def running_seconds(redis: Any, job_id: str) -> float | None:
+    """Seconds since ``mark_started`` on the Redis clock; None when the mark is gone."""
+    raw = redis.get(started_key(job_id))
+    if raw is None:
+        return None
+    seconds, micros = redis.time()
+    return seconds + micros / 1e6 - float(raw)
+
+
 def event_fields(kind: str, data: dict[str, Any]) -> dict[str, str]:
     """Stream entry fields: the SSE event name and its JSON payload."""
     return {"type": kind, "data": json.dumps(data, default=str), "ts": f"{time.time():.3f}"}
@@ -61,7 +81,7 @@ def publish_end(redis: Any, job_id: str, status: dict[str, Any], ttl_s: int) -> 
 
 
 def expire_job_keys(redis: Any, job_id: str, ttl_s: int) -> None:
-    for key in (state_key(job_id), events_key(job_id), cancel_key(job_id)):
+    for key in (state_key(job_id), events_key(job_id), cancel_key(job_id), started_key(job_id)):
         redis.expire(key, ttl_s)
 
 

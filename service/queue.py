@@ -33,8 +33,8 @@ def time_limits(weight_bytes: int | None) -> tuple[int, int]:
     return soft, soft + LIMIT_MARGIN_S
 
 
-def celery_config(broker_url: str) -> dict[str, Any]:
-    """The one Celery configuration (QUEUE.md §8)."""
+def celery_config(broker_url: str, shutdown_timeout_s: float = 60) -> dict[str, Any]:
+    """The one Celery configuration (QUEUE.md §8); ``shutdown_timeout_s`` is the workers' soft-shutdown wait."""
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     return {
         "broker_url": broker_url,
@@ -47,8 +47,14 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,  # with the DB attempt cap in the task
         "worker_prefetch_multiplier": 1,
         "worker_max_tasks_per_child": 1,  # a fresh child per job: its CUDA context and leaks die with it
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_soft_shutdown_timeout": 60,
+        # QUEUE.md's default is True, which stops the running job on any Redis blip (hours of GPU work lost, the job
+        # rerun from scratch). Here a job keeps running through the blip: a second delivery of its message can
+        # never run it twice (the job lock, re-created by the heartbeat after a Redis restart, and the terminal
+        # row; tests/api/test_service_faults.py kills Redis mid-job), and its events wait in the worker meanwhile.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # SIGTERM (a deploy) is a cold shutdown (REMAP_SIGTERM=SIGQUIT, worker/celery_app.py): a running job
+        # gets this long to finish, then its child is stopped and the job goes back to the queue.
+        "worker_soft_shutdown_timeout": shutdown_timeout_s,
         "worker_hijack_root_logger": False,
         "task_track_started": True,
         "result_extended": True,

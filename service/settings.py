@@ -102,6 +102,10 @@ class ApiSettings(SharedSettings):
     max_active_jobs: int = Field(default=20, ge=0)  # queued + running jobs per token; past it a submit is 429; 0 = none
     sse_block_ms: int = Field(default=15000, ge=100)  # how long one XREAD waits before a keep-alive comment
     auto_migrate: bool = True  # run Alembic migrations to head when the API starts
+    # the sweeper (service/sweeper.py): every sweep_interval_s one API process looks for jobs no worker or message
+    # will finish, and acts on those that stayed so for sweep_grace_s (keep it above the workers' lock_ttl_s / 3)
+    sweep_interval_s: float = Field(default=30.0, ge=0.0)  # 0 = no sweeper in this process
+    sweep_grace_s: float = Field(default=300.0, ge=0.0)
 
 
 class WorkerSettings(SharedSettings):
@@ -113,6 +117,9 @@ class WorkerSettings(SharedSettings):
     lock_ttl_s: int = Field(default=120, ge=10)  # job lock lifetime; a heartbeat refreshes it every third
     max_attempts: int = Field(default=2, ge=1)  # deliveries after which a job is failed as 'worker lost'
     db_write_interval_s: float = Field(default=2.0, ge=0.0)  # progress rows are written at most this often
+    # on SIGTERM a running job gets this long to finish before it is stopped and re-queued (keep it under the
+    # orchestrator's grace period: compose's stop_grace_period, Kubernetes' terminationGracePeriodSeconds)
+    shutdown_timeout_s: float = Field(default=60.0, ge=0.0)
 
 
 @lru_cache

@@ -27,4 +27,4 @@ def _configure(sender: Celery, **_: Any) -> None:
         settings = worker_settings()
     except (ValidationError, UnknownSetting) as exc:  # one clear message at startup, no traceback
         sys.exit(f"error: bad SPINQUANT_* setting for the worker: {exc}")
-    sender.conf.update(celery_config(settings.redis_url))
+    sender.conf.update(celery_config(settings.redis_url, settings.shutdown_timeout_s))

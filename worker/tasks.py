@@ -15,13 +15,17 @@ import os
 import shutil
 import sys
 import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from redis import Redis
-from sqlalchemy import update
+from redis import exceptions as redis_exceptions
+from sqlalchemy import delete, update
 
 from service import live
 from service.db import (
@@ -51,14 +55,17 @@ log = logging.getLogger("worker.tasks")
 class _Heartbeat(threading.Thread):
     """Keeps the job lock alive while the job runs; a dead worker's lock expires within lock_ttl_s."""
 
-    def __init__(self, redis: Redis, key: str, ttl: int) -> None:
+    def __init__(self, redis: Redis, key: str, owner: str, ttl: int) -> None:
         super().__init__(daemon=True)
-        self.redis, self.key, self.ttl, self.stop = redis, key, ttl, threading.Event()
+        self.redis, self.key, self.owner, self.ttl, self.stop = redis, key, owner, ttl, threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(self.ttl / 3):
             try:
-                self.redis.expire(self.key, self.ttl)
+                # a Redis restart can drop a lock set in its last second (AOF fsyncs every second): put it back, or
+                # the sweeper (service/sweeper.py) would take the job for an orphan
+                if not self.redis.set(self.key, self.owner, nx=True, ex=self.ttl):
+                    self.redis.expire(self.key, self.ttl)
             except Exception:  # a Redis blip: the next beat tries again
                 log.warning("lock heartbeat failed for %s", self.key)
 
@@ -101,14 +108,65 @@ def _resolve_sources(cfg: Any, store: ArtifactStore, work: Path) -> Any:
                    eval=replace(cfg.eval, source=one(cfg.eval.source, "eval")))
 
 
-def _finish(sessions: Any, redis: Redis, job_id: str, settings: WorkerSettings, status: str, **values: Any) -> None:
-    with sessions() as db:
-        db.execute(update(Job).where(Job.id == job_id).values(status=status, finished_at=utcnow(), **values))
-        db.commit()
+# How long the worker keeps trying its final writes while the database (or Redis) does not answer, before it gives
+# up on this delivery (the row stays running; the sweeper, service/sweeper.py, sends the job again).
+FINAL_WRITE_DEADLINE_S = 600.0
+
+
+def _retrying(what: str, fn: Callable[[], None], deadline_s: float = FINAL_WRITE_DEADLINE_S) -> None:
+    """``fn()`` until it passes; a dependency that does not answer is retried with backoff up to ``deadline_s``."""
+    from .progress import _is_transient
+
+    end = time.monotonic() + deadline_s
+    delay = 0.5
+    while True:
+        try:
+            fn()
+            return
+        except Exception as exc:
+            if not _is_transient(exc) or time.monotonic() + delay > end:
+                raise
+            log.warning("%s: %s; retrying in %.1f s", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _finish(sessions: Any, redis: Redis, job_id: str, settings: WorkerSettings, status: str, *,
+            pub: Publisher | None = None, write: Callable[[Any], None] | None = None, **values: Any) -> None:
+    """Record the terminal status (with ``write``'s rows, in the same transaction), then its events."""
+    def commit() -> None:
+        with sessions() as db:
+            if write is not None:
+                write(db)
+            db.execute(update(Job).where(Job.id == job_id).values(status=status, finished_at=utcnow(), **values))
+            db.commit()
+
+    _retrying(f"job {job_id}: recording {status}", commit)
     event = {"status": status}
     if "error_code" in values:
         event.update(code=values["error_code"], message=values.get("error_message") or "")
-    live.publish_end(redis, job_id, event, settings.events_ttl_s)
+
+    def publish() -> None:
+        if pub is not None and not pub.deliver():  # the events kept while Redis was away come first
+            raise redis_exceptions.ConnectionError("Redis does not answer")
+        live.publish_end(redis, job_id, event, settings.events_ttl_s)
+
+    try:
+        _retrying(f"job {job_id}: publishing its end", publish, deadline_s=60.0)
+    except Exception:  # the row is the truth and says it; SSE readers fall back to it (api/events.py)
+        log.warning("job %s: could not publish its end event", job_id, exc_info=True)
+
+
+def _hand_back(sessions: Any, redis: Redis, job_id: str) -> None:
+    """A job interrupted by its worker's shutdown: ``queued`` again, the interrupted attempt taken back."""
+    with sessions() as db:
+        db.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(
+            status=QUEUED, attempts=Job.attempts - 1))
+        db.commit()
+    # Redis may be away (its loss can be what stopped the worker): the row says queued
+    with suppress(redis_exceptions.ConnectionError, redis_exceptions.TimeoutError):
+        live.publish_event(redis, job_id, "status", {"status": QUEUED, "reason": "worker_shutdown"})
+    log.warning("job %s: its worker is shutting down; back in the queue", job_id)
 
 
 def run_job(job_id: str, *, settings: WorkerSettings, hostname: str = "local") -> str:
@@ -126,7 +184,7 @@ def run_job(job_id: str, *, settings: WorkerSettings, hostname: str = "local") -
     owner = f"{hostname}:{os.getpid()}"
     if not redis.set(live.lock_key(job_id), owner, nx=True, ex=settings.lock_ttl_s):
         return "locked"
-    beat = _Heartbeat(redis, live.lock_key(job_id), settings.lock_ttl_s)
+    beat = _Heartbeat(redis, live.lock_key(job_id), owner, settings.lock_ttl_s)
     beat.start()
     work = store.work_dir() / job_id
     try:
@@ -135,8 +193,11 @@ def run_job(job_id: str, *, settings: WorkerSettings, hostname: str = "local") -
     finally:
         beat.stop.set()
         shutil.rmtree(work, ignore_errors=True)
-        if redis.get(live.lock_key(job_id)) == owner.encode():
-            redis.delete(live.lock_key(job_id))
+        try:
+            if redis.get(live.lock_key(job_id)) == owner.encode():
+                redis.delete(live.lock_key(job_id))
+        except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError):
+            log.warning("job %s: Redis is away; its lock expires by itself", job_id)
 
 
 def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: Redis, store: ArtifactStore,
@@ -154,9 +215,13 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
                 error_message=f"worker lost {job.attempts - 1} times (likely host out of memory); not retried")
         return "failed: worker_lost"
     live.publish_event(redis, job_id, "status", {"status": RUNNING, "worker": hostname, "attempt": job.attempts})
+    live.mark_started(redis, job_id)
 
     def should_cancel() -> bool:
-        return bool(redis.exists(live.cancel_key(job_id)))
+        try:
+            return bool(redis.exists(live.cancel_key(job_id)))
+        except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError):
+            return False  # Redis is away: a cancel asked meanwhile is seen once it answers
 
     prefix = f"jobs/{job_id}"
     pub: Publisher | None = None
@@ -172,7 +237,6 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
         from quant_core.config import config_from_dict
         from quant_core.pipeline import run
         from quant_core.progress import Cancelled
-
 
         cfg = config_from_dict(job.config)
         pub = Publisher(redis=redis, sessions=sessions, job_id=job_id, weights=stage_weights(cfg.learning, cfg.rotating),
@@ -194,14 +258,15 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
         files = store.publish(prefix, work / "out")
         pub("export", 1.0, {"files": len(files)})
         pub.finish_stage()
-        with sessions() as db:
-            db.execute(update(Job).where(Job.id == job_id).values(
-                progress=1.0, eta_s=0.0, report=result.report, store_prefix=prefix, stage_times=pub.stage_times,
-                step=pub.step, loss=pub.loss))
+
+        def record(db: Any) -> None:
+            db.execute(delete(Artifact).where(Artifact.job_id == job_id))  # never an earlier attempt's rows twice
             for f in files:
                 db.add(Artifact(job_id=job_id, name=f.name, bytes=f.bytes, sha256=f.sha256, store_key=f.key))
-            db.commit()
-        _finish(sessions, redis, job_id, settings, SUCCEEDED)
+
+        # the files' rows and the status in one transaction: a job is succeeded with all its files, or neither
+        _finish(sessions, redis, job_id, settings, SUCCEEDED, pub=pub, write=record, progress=1.0, eta_s=0.0,
+                report=result.report, store_prefix=prefix, stage_times=pub.stage_times, step=pub.step, loss=pub.loss)
         return "succeeded"
     except BaseException as exc:
         code, message = classify(exc)
@@ -219,14 +284,18 @@ def _run_locked(job_id: str, *, settings: WorkerSettings, sessions: Any, redis: 
                 pub.flush()
             except Exception:  # the terminal status below matters more than the progress fields
                 log.exception("job %s: last progress write failed", job_id)
+        if not isinstance(exc, Exception):
+            # SystemExit/KeyboardInterrupt: the worker is shutting down (a deploy's SIGTERM: after its soft-shutdown
+            # wait Celery stops this child). Not the job's fault: it goes back to the queue as it was, this attempt
+            # not counted, and the broker hands the unacknowledged message to the next worker.
+            _hand_back(sessions, redis, job_id)
+            raise
         if code == "cancelled":
-            _finish(sessions, redis, job_id, settings, CANCELLED, error_code=code, error_message=message)
+            _finish(sessions, redis, job_id, settings, CANCELLED, pub=pub, error_code=code, error_message=message)
             return "cancelled"
         if code == "internal":
             log.exception("job %s failed", job_id)
-        _finish(sessions, redis, job_id, settings, FAILED, error_code=code, error_message=message)
-        if not isinstance(exc, Exception):  # KeyboardInterrupt/SystemExit: recorded, then let them through
-            raise
+        _finish(sessions, redis, job_id, settings, FAILED, pub=pub, error_code=code, error_message=message)
         return f"failed: {code}"
 
 
