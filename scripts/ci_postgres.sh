@@ -3,6 +3,8 @@
 #
 #   eval "$(scripts/ci_postgres.sh)"    # start (or reuse) it; prints: export SPINQUANT_TEST_POSTGRES_URL=...
 #   scripts/ci_postgres.sh stop         # stop it and delete its data
+#   scripts/ci_postgres.sh halt         # stop the server, keep its data (the fault tests: a database outage)
+#   scripts/ci_postgres.sh resume       # start a halted server again on its port
 #
 # Installs PostgreSQL with apt-get when no initdb/pg_ctl is found (root on Debian). As root the server
 # runs as the `postgres` OS user (created if missing; root cannot run initdb), otherwise as the caller.
@@ -68,6 +70,25 @@ fi
 
 pg_running() { [[ -n $BIN && -f $DATA/PG_VERSION ]] && as_owner "$BIN/pg_ctl" status -D "$DATA" >/dev/null 2>&1; }
 
+server_start() {  # $1: the port
+    as_owner "$BIN/pg_ctl" start -D "$DATA" -l "$LOG" -w -t 60 -o "-p $1 -k $STATE -c listen_addresses=127.0.0.1 \
+-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=50" >&2 \
+        || die "pg_ctl start failed"
+}
+
+if [[ ${1:-start} == halt ]]; then
+    [[ -f $STATE/ready ]] || die "no server was made in $STATE"
+    pg_running && { as_owner "$BIN/pg_ctl" stop -D "$DATA" -m fast -w >&2 || die "pg_ctl stop failed"; }
+    log "halted (data kept in $DATA)"
+    exit 0
+fi
+if [[ ${1:-start} == resume ]]; then
+    [[ -f $STATE/ready ]] || die "no server was made in $STATE"
+    pg_running || server_start "$(cat "$STATE/port")"
+    log "resumed on port $(cat "$STATE/port")"
+    exit 0
+fi
+
 if [[ ${1:-start} == stop ]]; then
     if pg_running; then
         log "stopping the server in $DATA"
@@ -78,7 +99,7 @@ if [[ ${1:-start} == stop ]]; then
     rm -rf "$STATE"
     exit 0
 fi
-[[ ${1:-start} == start ]] || die "usage: $SELF [start|stop]"
+[[ ${1:-start} == start ]] || die "usage: $SELF [start|stop|halt|resume]"
 
 if [[ -z $BIN ]]; then
     install_postgres
@@ -125,9 +146,7 @@ as_owner "$BIN/initdb" -D "$DATA" -U "$OWNER" -E UTF8 --locale=C --no-sync \
     || { cat "$STATE/initdb.log" >&2; die "initdb failed"; }
 
 log "starting on 127.0.0.1:$port"
-as_owner "$BIN/pg_ctl" start -D "$DATA" -l "$LOG" -w -t 60 -o "-p $port -k $STATE -c listen_addresses=127.0.0.1 \
--c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=50" >&2 \
-    || die "pg_ctl start failed"
+server_start "$port"
 
 as_owner "$BIN/psql" -X -q -h "$STATE" -p "$port" -U "$OWNER" -d postgres -v ON_ERROR_STOP=1 \
     -c "CREATE ROLE $DB_USER LOGIN PASSWORD '$password'" \

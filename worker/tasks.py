@@ -10,6 +10,7 @@ S3 every file, then a completion marker), then records the outcome.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -70,6 +71,25 @@ class _Heartbeat(threading.Thread):
                 log.warning("lock heartbeat failed for %s", self.key)
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of space. safetensors (Rust) raises its own SafetensorError carrying only the
+    OS message, so the message is read where no errno is; the chain (raise ... from) is followed."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(e)
+        if any(os.strerror(n) in text or f"os error {n})" in text for n in DISK_FULL_ERRNOS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def classify(exc: BaseException) -> tuple[str, str]:
     """(error code, message) for a failed job: bad input is the user's to fix (its UserError code), the rest is
     ours ('internal', logged with its traceback)."""
@@ -84,6 +104,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "timeout", "the job ran past its time limit"
     if isinstance(exc, StoreError) and exc.code == "unavailable":  # not ours to fix: the store did not answer
         return "store_unavailable", f"the artifact store did not answer: {exc}"
+    if _disk_full(exc):
+        return "disk_full", f"the worker's disk is full (scratch space or local artifact store): {exc}"
     torch = sys.modules.get("torch")  # a CUDA OOM can only come from a job that imported torch
     if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)):
         return "out_of_memory", f"out of memory: {exc}".strip()
@@ -167,6 +189,17 @@ def _hand_back(sessions: Any, redis: Redis, job_id: str) -> None:
     with suppress(redis_exceptions.ConnectionError, redis_exceptions.TimeoutError):
         live.publish_event(redis, job_id, "status", {"status": QUEUED, "reason": "worker_shutdown"})
     log.warning("job %s: its worker is shutting down; back in the queue", job_id)
+
+
+def lock_wait_s(settings: WorkerSettings, job_id: str) -> int:
+    """Seconds until the job's lock expires unless its holder's heartbeat refreshes it, plus one. A redelivery
+    waits that long rather than a whole lock lifetime: while it waits its message is unacked and the row has no
+    lock once a dead holder's expires, which is what the sweeper reads as an orphan (service/sweeper.py)."""
+    try:
+        left = int(Redis.from_url(settings.redis_url).ttl(live.lock_key(job_id)))
+    except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError):
+        return settings.lock_ttl_s
+    return min(settings.lock_ttl_s, left + 1) if left > 0 else 1
 
 
 def run_job(job_id: str, *, settings: WorkerSettings, hostname: str = "local") -> str:
@@ -306,7 +339,7 @@ def quantize(self: Any, job_id: str) -> str:
     outcome = run_job(job_id, settings=settings, hostname=self.request.hostname or "worker")
     if outcome == "locked":
         # Another delivery holds the lock: it is running, or its worker died and the lock will expire.
-        # Look again after the lock's lifetime; a finished job then reads as skipped.
-        raise self.retry(countdown=settings.lock_ttl_s, max_retries=None)
+        # Look again once it would have expired; a finished job then reads as skipped.
+        raise self.retry(countdown=lock_wait_s(settings, job_id), max_retries=None)
     log.info("job %s: %s", job_id, outcome)
     return outcome

@@ -37,3 +37,24 @@ def test_other_failures_are_classified_by_class_not_text() -> None:
     assert classify(RuntimeError("CUDA out of memory"))[0] == "internal"
     assert classify(ValueError("bad model"))[0] == "internal"  # a bare ValueError is a bug, not the user's input
     assert classify(ZeroDivisionError("boom")) == ("internal", "ZeroDivisionError: boom")
+
+
+def test_a_full_disk_is_disk_full_however_the_writer_reports_it() -> None:
+    import errno
+
+    from safetensors import SafetensorError
+
+    assert classify(OSError(errno.ENOSPC, "No space left on device"))[0] == "disk_full"
+    assert classify(OSError(errno.EDQUOT, "Disk quota exceeded"))[0] == "disk_full"
+    # safetensors' Rust writer carries only the OS message, no errno
+    assert classify(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))[0] \
+        == "disk_full"
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("export failed") from inner
+    except RuntimeError as outer:
+        assert classify(outer)[0] == "disk_full"
+    assert classify(OSError(errno.EACCES, "Permission denied"))[0] == "internal"
+    assert classify(SafetensorError("header too large"))[0] == "internal"

@@ -24,13 +24,14 @@ from scripts.stack import Stack
 from service import live
 from service.db import Job, make_engine, make_sessionmaker
 from service.queue import make_sender
+from service.sweeper import broker_task_ids
 from tests.stack_helpers import Api
 
 pytestmark = pytest.mark.faults
 
 LOCK_TTL_S = 10  # a dead worker's lock is gone this long after its last heartbeat
 FAULT_ENV = {"SPINQUANT_LOCK_TTL_S": str(LOCK_TTL_S), "SPINQUANT_SWEEP_INTERVAL_S": "1",
-             "SPINQUANT_SWEEP_GRACE_S": "4", "SPINQUANT_SHUTDOWN_TIMEOUT_S": "2"}
+             "SPINQUANT_SWEEP_GRACE_S": "6", "SPINQUANT_SHUTDOWN_TIMEOUT_S": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,10 @@ def _assert_succeeded_once(api: Api, job_id: str, attempts: int, tmp_path: Path 
 
 
 def _running_attempts(api: Api, job_id: str) -> list[int]:
-    return [d["attempt"] for _, e, d in api.events(job_id) if e == "status" and d["status"] == "running"]
+    """The attempt number of each start. A sweeper re-send (status event with ``resent``) is a message, not an
+    attempt: the task is idempotent, so a re-send is harmless, and only the starts are counted."""
+    return [d["attempt"] for _, e, d in api.events(job_id)
+            if e == "status" and d["status"] == "running" and not d.get("resent")]
 
 
 @pytest.mark.parametrize("stage", ["load", "learn", "quantize", "export"])
@@ -218,7 +222,12 @@ def test_hard_time_limit_fails_as_timeout_whatever_the_workers_clock(fstack: Sta
     assert job["artifacts"] == [] and fapi.http.get(f"/v1/jobs/{job_id}/artifacts").json() == []
     worker_log = (fstack.root / "worker-hard-limit.log").read_text()
     assert "TimeLimitExceeded" in worker_log or "Hard time limit" in worker_log
-    assert redis.hlen("unacked") == 0 and not redis.exists(live.lock_key(job_id))
+    # its message acknowledged, its lock gone (the whole-worker kill case above leaves its own dead message in the
+    # unacked set until the visibility timeout: only this job's is looked for)
+    deadline = time.monotonic() + 3 * LOCK_TTL_S
+    while job_id in broker_task_ids(redis)[1] or redis.exists(live.lock_key(job_id)):
+        assert time.monotonic() < deadline, "the timed-out job still holds its message or lock"
+        time.sleep(0.5)
 
 
 def test_queued_job_whose_message_was_lost_is_sent_again(fstack: Stack, fapi: Api) -> None:
@@ -234,3 +243,48 @@ def test_queued_job_whose_message_was_lost_is_sent_again(fstack: Stack, fapi: Ap
     _wait_event(redis, job_id, lambda k, d: k == "status" and d.get("resent"), timeout=60)
     fstack.start_worker("after-lost-message")
     _assert_succeeded_once(fapi, job_id, attempts=1)
+
+
+def test_disk_full_during_export_fails_clearly_and_leaves_nothing(fstack: Stack, tmp_path: Path) -> None:
+    """The artifact store and scratch space on a 256 KiB tmpfs (the checkpoint needs more): the export hits ENOSPC.
+    The job fails as 'disk_full', no file or artifact row is published, the scratch folder is gone. Runs the task in
+    this process on the stack's Redis (mounting needs root, as this suite's machines have)."""
+    from quant_core.config import config_to_dict, make_config
+    from service.db import FAILED, Artifact, Token, migrate
+    from service.settings import WorkerSettings
+    from tests.conftest import MODELS, TEST_TEXT, TRAIN_TEXT
+    from worker.tasks import run_job
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+        migrate(url)
+        settings = WorkerSettings(database_url=url, redis_url=fstack.redis_url, artifact_root=disk / "store",
+                                  models_dir=MODELS, lock_ttl_s=30)
+        sessions = make_sessionmaker(make_engine(url))
+        cfg = make_config("rtn", w_bits=4, seq_len=64, eval_windows=1, calib_source=f"file:{TRAIN_TEXT}",
+                          eval_source=f"file:{TEST_TEXT}")
+        with sessions() as db:
+            tok = Token(name="t", token_hash=os.urandom(32).hex())
+            db.add(tok)
+            db.commit()
+            job = Job(owner_id=tok.id, model="local:llama-tiny", method="rtn", scheme=cfg.scheme, request={},
+                      config=config_to_dict(cfg), formats=["ct"], fingerprint=os.urandom(32).hex(), soft_limit_s=60,
+                      hard_limit_s=90, stage_times={}, status="queued", attempts=0)
+            db.add(job)
+            db.commit()
+            job_id = job.id
+        assert run_job(job_id, settings=settings) == "failed: disk_full"
+        with sessions() as db:
+            row = db.get(Job, job_id)
+            assert row is not None and row.status == FAILED and row.error_code == "disk_full", row.error_message
+            assert "No space left" in (row.error_message or "")
+            assert db.query(Artifact).filter_by(job_id=job_id).count() == 0
+        assert not (disk / "store" / "jobs" / job_id).exists()
+        assert not (disk / "store" / ".work" / job_id).exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
