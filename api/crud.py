@@ -186,10 +186,13 @@ def create_job(*, db: Session, owner: Token, job_in: JobCreate, idempotency_key:
 
 def _check_active_limit(db: Session, owner: Token, limit: int) -> None:
     """429 when the token already has ``limit`` queued or running jobs (a shared GPU pool's fair share; cache hits
-    and idempotent replays run nothing and never count). Checked at submission: two submits racing at the limit
-    may both pass, by one."""
+    and idempotent replays run nothing and never count). The caller commits the new row in this transaction."""
     if limit <= 0:
         return
+    # A no-op write to the owner's token row first: it holds PostgreSQL's row lock (SQLite's write lock) until the
+    # commit, so two submits of one owner count and insert one after the other and cannot both pass at the limit.
+    db.execute(update(Token).where(Token.id == owner.id).values(name=Token.name)
+               .execution_options(synchronize_session=False))
     active = db.scalar(select(func.count()).select_from(Job).where(Job.owner_id == owner.id,
                                                                    Job.status.in_((QUEUED, RUNNING)))) or 0
     if active >= limit:

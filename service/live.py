@@ -13,16 +13,17 @@ import time
 from typing import Any
 
 from quant_core.config import MAX_STEPS
+from quant_core.progress import STAGES
 
 # Events a job can publish (worker.progress.Publisher): one per learning step and per pre-fit step, and per other
-# stage its start, every 1% and its end (<= 102 each, 8 stages); the API adds a few per attempt (queued,
+# stage its start, every 1% and its end (<= 102 each, quant_core.progress.STAGES); the API adds a few per attempt (queued,
 # running, cancel, the final status and end). A job's replay must never lose its start (SSE clients and
 # Last-Event-ID resumes read from it), so the cap only guards Redis against a runaway writer: no valid job
 # reaches it. About 250 bytes an event: a 100-step job's stream is ~0.2 MB, the largest possible ~50 MB, and
 # every stream expires after its job ends.
 PROGRESS_EVENT_STEP = 0.01  # outside learning, a stage publishes a progress event per this much of its fraction
 EVENTS_PER_STAGE = round(1 / PROGRESS_EVENT_STEP) + 2  # those, its start and its end: 102
-STREAM_MAXLEN = 2 * MAX_STEPS + 8 * EVENTS_PER_STAGE + 1000
+STREAM_MAXLEN = 2 * MAX_STEPS + len(STAGES) * EVENTS_PER_STAGE + 1000
 
 
 def state_key(job_id: str) -> str:

@@ -1,14 +1,18 @@
 """Shared fixtures: the committed trained models and texts, tiny random models of every family, and the real
-service (``stack``: redis-server + API over HTTP + a Celery worker; ``api`` clients per token; ``s3_server``)."""
+service (``stack``: redis-server + API over HTTP + a Celery worker; ``api`` clients per token; ``s3_server``), and
+``db_url``: an empty job store on each supported database (SQLite; PostgreSQL when the CI server is up)."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from sqlalchemy import create_engine, make_url, text
 
 if TYPE_CHECKING:
     from scripts.stack import Stack
@@ -139,3 +143,28 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+PG_ENV = "SPINQUANT_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """An empty database: a fresh SQLite file, or a fresh schema on the PostgreSQL test server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"{PG_ENV} is not set (CI sets it with: eval \"$(scripts/ci_postgres.sh)\")")
+    schema = f"sqtest_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

@@ -4,7 +4,11 @@ unaffected, a finished or cancelled job frees its place), and read-only tokens t
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 from scripts.stack import Stack
 from tests.stack_helpers import Api
@@ -39,3 +43,23 @@ def test_active_job_limit_and_read_only_tokens(tmp_path: Path) -> None:
         assert len(admin_ro.http.get("/v1/jobs").json()["jobs"]) == 4  # an admin monitor reads every owner's
         assert admin_ro.http.post(f"/v1/jobs/{ids[1]}/cancel").status_code == 403
         assert a.job(ids[1])["status"] == "queued"
+
+
+def test_concurrent_submits_at_the_limit_never_pass_it(tmp_path: Path, db_url: str) -> None:
+    """Twelve submits from twelve threads at once with one token and a limit of 3, on SQLite and PostgreSQL: exactly
+    3 are accepted and 9 are 429, and exactly 3 rows exist (the count and the insert are one step per owner)."""
+    with Stack(tmp_path / "stack", worker=False, database_url=db_url,
+               extra_env={"SPINQUANT_MAX_ACTIVE_JOBS": "3"}) as stack:
+        a = Api(stack, stack.token("a"))
+        body = a.job_body(steps=2)
+        barrier = threading.Barrier(12)
+
+        def submit(seed: int) -> int:
+            with httpx.Client(base_url=stack.url, headers=a.http.headers, timeout=60) as http:
+                barrier.wait()
+                return http.post("/v1/jobs", json={**body, "settings": {**body["settings"], "seed": seed}}).status_code
+
+        with ThreadPoolExecutor(12) as pool:
+            codes = sorted(pool.map(submit, range(12)))
+        assert codes == [202] * 3 + [429] * 9, codes
+        assert len(a.http.get("/v1/jobs").json()["jobs"]) == 3

@@ -29,9 +29,12 @@ def real_api(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.slow
 def test_w4a16_job_on_the_real_model_through_the_service(real_api: Api, tmp_path: Path) -> None:
-    body = {"model": f"local:{smollm2.NAME}", "method": "gptq",
+    # RTN without the clip search: what is checked here is the service path on a real model's size and shapes
+    # (its upload, its 30 layers through the worker, export, download, reload); GPTQ and the clip search on this
+    # model are tests/quant_core/test_real_model.py's, which need a minute more of compute each.
+    body = {"model": f"local:{smollm2.NAME}", "method": "rtn",
             "settings": {"w_bits": 4, "w_group_size": 64, "seq_len": 128, "calib_samples": 4, "eval_windows": 4,
-                         "dtype": REAL_MODEL_DTYPE},
+                         "dtype": REAL_MODEL_DTYPE, "w_mse_clip": False},
             "calib": {"text_id": real_api.upload(TRAIN_TEXT, limit=200_000)},
             "eval": {"text_id": real_api.upload(TEST_TEXT)}}
     r = real_api.submit(body)
@@ -40,7 +43,8 @@ def test_w4a16_job_on_the_real_model_through_the_service(real_api: Api, tmp_path
     assert job["status"] == "succeeded", job["error"]
     rep = job["report"]
     assert rep["model"]["family"] == "llama" and rep["model"]["untied"] is True
-    assert 1.0 < rep["quant_ppl"] / rep["fp_ppl"] < 1.3, (rep["fp_ppl"], rep["quant_ppl"])
+    # RTN g64 without clipping: +38% here (36.09 -> 49.94 at 4 windows of 128); a broken path is orders worse
+    assert 1.0 < rep["quant_ppl"] / rep["fp_ppl"] < 1.6, (rep["fp_ppl"], rep["quant_ppl"])
 
     for art in job["artifacts"]:
         resp = real_api.http.get(art["url"])

@@ -3,15 +3,13 @@ relies on (hashed tokens, idempotency keys, JSON and datetime round trips, artif
 
 SQLite always runs (a temp file). PostgreSQL runs when SPINQUANT_TEST_POSTGRES_URL points at a database
 the URL's user owns (CI: ``eval "$(scripts/ci_postgres.sh)"``); each test gets its own fresh schema,
-dropped afterwards, so runs are repeatable and never touch other data.
+dropped afterwards, so runs are repeatable and never touch other data (the ``db_url`` fixture, tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -19,37 +17,14 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, delete, func, inspect, make_url, select, text
+from sqlalchemy import delete, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import sessionmaker
 
 from api import auth
 from service.db import Artifact, Base, Job, Token, alembic_config, make_engine, make_sessionmaker, migrate
 
-PG_ENV = "SPINQUANT_TEST_POSTGRES_URL"
 TABLES = {"tokens", "texts", "jobs", "artifacts"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """An empty database: a fresh SQLite file, or a fresh schema on the PostgreSQL test server."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
-        return
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} is not set (CI sets it with: eval \"$(scripts/ci_postgres.sh)\")")
-    schema = f"sqtest_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture
