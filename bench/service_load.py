@@ -125,6 +125,7 @@ def load_test(stack: Stack, n: int, clients: int, threads: int) -> dict[str, Any
     tokens = [stack.token(f"load-{i}") for i in range(clients)]
     submit_lat: list[float] = []
     ids: list[str] = []
+    owner_of: dict[str, str] = {}  # job id -> its owner's token: a status read with another token is 404
     statuses: dict[int, int] = {}
     lock = threading.Lock()
 
@@ -144,6 +145,7 @@ def load_test(stack: Stack, n: int, clients: int, threads: int) -> dict[str, Any
                     statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                     if r.status_code == 202:
                         ids.append(r.json()["id"])
+                        owner_of[ids[-1]] = tokens[i]
 
     t0 = time.monotonic()
     ts = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -152,7 +154,7 @@ def load_test(stack: Stack, n: int, clients: int, threads: int) -> dict[str, Any
     for t in ts:
         t.join()
     submit_wall = time.monotonic() - t0
-    reads = read_throughput(stack.url, tokens[0], f"/v1/jobs/{ids[0]}", threads, 10.0) if ids else {}
+    reads = read_throughput(stack.url, owner_of[ids[0]], f"/v1/jobs/{ids[0]}", threads, 10.0) if ids else {}
     admin = stack.token("load-admin", admin=True)
     with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {admin}"}, timeout=60) as c:
         deadline = time.monotonic() + 6 * 3600
@@ -161,18 +163,29 @@ def load_test(stack: Stack, n: int, clients: int, threads: int) -> dict[str, Any
         drain_wall = time.monotonic() - t0
         jobs = [c.get(f"/v1/jobs/{i}").json() for i in ids]
         once = 0
+        not_once: list[dict[str, Any]] = []
         for j in jobs:
-            ends = 0
+            ends = []
             with c.stream("GET", f"/v1/jobs/{j['id']}/events", timeout=60) as s:
+                event = ""
                 for line in s.iter_lines():
-                    if line.startswith("data: ") and '"status": "succeeded"' in line and '"attempt"' not in line:
-                        ends += 1
-                    if line.startswith("event: end"):
+                    if line.startswith("event: "):
+                        event = line.removeprefix("event: ")
+                    elif line.startswith("data: ") and event in ("status", "end"):
+                        data = json.loads(line.removeprefix("data: "))
+                        if data.get("status") in TERMINAL:
+                            ends.append((event, data["status"]))
+                    if event == "end" and line == "":
                         break
-            once += j["status"] == "succeeded" and j["attempts"] == 1 and ends == 2  # the status event and 'end'
+            # one terminal status event and the stream's end, both 'succeeded'
+            ok = j["status"] == "succeeded" and j["attempts"] == 1 and ends == [("status", "succeeded"),
+                                                                                   ("end", "succeeded")]
+            once += ok
+            if not ok and len(not_once) < 5:
+                not_once.append({"id": j["id"], "status": j["status"], "attempts": j["attempts"], "ends": ends})
     return {"submissions": n, "clients": clients, "http_statuses": statuses, "jobs_created": len(ids),
             "distinct_ids": len(set(ids)), "rows_added": count() - rows_before,
-            "succeeded_exactly_once": once, "submit_p50_ms": 1000 * _pct(submit_lat, 0.5),
+            "succeeded_exactly_once": once, "not_exactly_once": not_once, "submit_p50_ms": 1000 * _pct(submit_lat, 0.5),
             "submit_p99_ms": 1000 * _pct(submit_lat, 0.99), "submit_wall_s": submit_wall,
             "drain_wall_s": drain_wall, "reads_under_load": reads}
 
@@ -215,6 +228,8 @@ def main() -> int:
         print(f"{'jobs created / distinct / rows':<32}{load['jobs_created']} / {load['distinct_ids']} / "
               f"{load['rows_added']}")
         print(f"{'succeeded exactly once':<32}{load['succeeded_exactly_once']}")
+        for bad in load["not_exactly_once"]:
+            print(f"  not once: {json.dumps(bad)}")
         print(f"{'submit p50 / p99 ms':<32}{load['submit_p50_ms']:.1f} / {load['submit_p99_ms']:.1f}")
         print(f"{'submit wall / drain wall s':<32}{load['submit_wall_s']:.1f} / {load['drain_wall_s']:.1f}")
         if r:
