@@ -62,8 +62,9 @@ bench-accuracy: setup
 bench-real: setup real-model
 	$(PY) bench/real.py --json runs/bench/real.json
 
+# The service's overhead, status reads, and 200 RTN submissions from 20 clients through one worker (~30 min).
 bench-service: setup
-	$(PY) bench/service_load.py --json runs/bench/service.json
+	$(PY) bench/service_load.py --jobs 3 --load 200 --clients 20 --json runs/bench/service-load.json
 
 # the API fuzzed from its OpenAPI schema (schemathesis) on a fresh stack: >= 6,000 requests
 bench-fuzz: setup
