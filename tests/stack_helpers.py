@@ -49,6 +49,14 @@ class Api:
         assert r.status_code == 200, r.text
         return r.json()
 
+    def wait_learning(self, job_id: str, min_step: int = 1, timeout: float = 120) -> dict[str, Any]:
+        """The job once it is learning and has done ``min_step`` steps: a fault injected then hits a running job."""
+        deadline = time.monotonic() + timeout
+        while (j := self.job(job_id))["stage"] != "learn" or (j["step"] or 0) < min_step:
+            assert time.monotonic() < deadline, f"never reached learning step {min_step}: {j}"
+            time.sleep(0.1)
+        return j
+
     def wait(self, job_id: str, timeout: float = 240) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

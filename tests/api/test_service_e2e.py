@@ -74,14 +74,7 @@ def test_submit_watch_download_and_reload(api: Api, tmp_path: Path) -> None:
 def test_cancel_running_job_stops_within_one_step(api: Api) -> None:
     r = api.submit(api.job_body(steps=400, seed=11))
     job_id = r.json()["id"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until it is learning
-        j = api.job(job_id)
-        if j["stage"] == "learn" and (j["step"] or 0) >= 2:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"never reached learning: {api.job(job_id)}")
+    api.wait_learning(job_id, min_step=2)
     c = api.http.post(f"/v1/jobs/{job_id}/cancel")
     assert c.status_code == 202 and c.json()["cancel_requested"] is True
     t0 = time.monotonic()

@@ -78,10 +78,7 @@ def test_redis_killed_and_restarted_mid_job(tmp_path: Path) -> None:
     with Stack(tmp_path / "stack", extra_env=FAULT_ENV) as stack:
         api = Api(stack, stack.token("faults"))
         job_id = api.submit(api.job_body(steps=40, seed=4)).json()["id"]
-        deadline = time.monotonic() + 120
-        while (j := api.job(job_id))["stage"] != "learn" or not j["step"]:
-            assert time.monotonic() < deadline, j
-            time.sleep(0.1)
+        api.wait_learning(job_id)
         _kill_redis(stack)
         down_until = time.monotonic() + 5
         codes: set[int] = set()
@@ -195,10 +192,7 @@ def test_database_stopped_mid_job_is_503_and_the_job_finishes_once(tmp_path: Pat
     with Stack(tmp_path / "stack", database_url=private_pg.url, extra_env=FAULT_ENV) as stack:
         api = Api(stack, stack.token("faults"))
         job_id = api.submit(api.job_body(steps=30, seed=14)).json()["id"]
-        deadline = time.monotonic() + 120
-        while (j := api.job(job_id))["stage"] != "learn" or not j["step"]:
-            assert time.monotonic() < deadline, j
-            time.sleep(0.1)
+        api.wait_learning(job_id)
         private_pg.halt()
         t0 = time.monotonic()
         worker_log = stack.root / "worker-gpu0.log"
