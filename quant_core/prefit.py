@@ -44,11 +44,14 @@ class PrefitSamples:
     """What the pre-fit fits, from one FP forward. x: (n_layers * 2 * T, d) unit rows R1 rotates into a
     quantizer (each layer's q/k/v input, then its gate/up input); v: (n_layers, T * n_kv, hd) unit rows of
     each layer's V heads (R2 rotates them into the KV quantizer); o: (n_layers, T, n_h * hd) unit rows of each
-    layer's o_proj input (R2 rotates every head of it into the activation quantizer). All float32."""
+    layer's o_proj input (R2 rotates every head of it into the activation quantizer); sink: (n_layers * 2 * N, d)
+    x's two sites at each of the N blocks' first position (the attention sink), in x's layer and site order.
+    All float32."""
 
     x: Tensor
     v: Tensor
     o: Tensor
+    sink: Tensor
 
 
 def _unit(t: Tensor) -> Tensor:
@@ -76,6 +79,8 @@ def collect_samples(model: DecoderLM, blocks: Tensor, rt: QuantRuntime | None, m
     x = torch.empty(arch.n_layers * 2 * take, d, device=dev)
     v = torch.empty(arch.n_layers, take * arch.n_kv, hd, device=dev)
     o = torch.empty(arch.n_layers, take, n_o, device=dev)
+    n_blocks = blocks.shape[0]
+    sink = torch.empty(arch.n_layers * 2 * n_blocks, d, device=dev)
     for li, layer in enumerate(model.model.layers):
         at = layer.self_attn
         with visiting(layer, place):
@@ -92,11 +97,14 @@ def collect_samples(model: DecoderLM, blocks: Tensor, rt: QuantRuntime | None, m
             for j, (site, pick) in enumerate(zip(sites[:2], picks, strict=False)):
                 at_rows = slice((2 * li + j) * take, (2 * li + j + 1) * take)
                 x[at_rows] = _unit(torch.cat(site)[pick].float())
+                # row b*L of the site is block b's position 0: (N*L, d) -> (N, L, d)[:, 0]
+                sink[(2 * li + j) * n_blocks : (2 * li + j + 1) * n_blocks] = _unit(
+                    torch.cat(site).view(n_blocks, -1, d)[:, 0].float())
             # (T, n_kv*hd) -> (T*n_kv, hd): one row per token-head
             v[li] = _unit(torch.cat(sites[2])[picks[2]].float().reshape(take * arch.n_kv, hd))
             o[li] = _unit(torch.cat(sites[3])[picks[2]].float())
         release_free_memory()  # the layer's four sites leave the resident set (quant_core.memory)
-    return PrefitSamples(x=x, v=v, o=o)
+    return PrefitSamples(x=x, v=v, o=o, sink=sink)
 
 
 def head_quant_error(v: Tensor, o: Tensor, r2: Tensor, qrt: QuantRuntime) -> Tensor:
@@ -141,6 +149,7 @@ def prefit_rotations(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1:
     progress("learn", 0.0, {"phase": "prefit", "prefit_step": 0, "prefit_steps": tc.prefit_steps})
     smp = collect_samples(model, blocks[: tc.prefit_blocks], rt, tc.micro_batch, cfg.seed, place)
     x, v, o = smp.x, smp.v, smp.o
+    sink_share = tc.prefit_sink_share
     dev = x.device
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = torch.randperm(x.shape[0], generator=gen)[:PREFIT_BATCH].to(dev)
@@ -158,6 +167,7 @@ def prefit_rotations(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1:
     r2 = torch.stack([m.detach().to(device=dev, dtype=torch.float64) for m in r2s]).requires_grad_(True)
     with torch.no_grad():
         start, start2 = float(quant_error(x[probe], r, qrt)), float(head_quant_error(*head_probe, r2, qrt))
+        start_sink = float(quant_error(smp.sink, r, qrt))
     state = AdamState.like(r)
     state2 = AdamState.like(r2)  # one stack: each layer's moments are its own entries
     for step in range(tc.prefit_steps):
@@ -168,7 +178,11 @@ def prefit_rotations(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1:
         # one chunk's copies of the rows (about 15 per quantized row), not the batch's (0.6 GB on SmolLM2).
         loss = loss2 = 0.0
         for part in rows.split(PREFIT_CHUNK_ROWS):
-            term = quant_error(x[part], r, qrt) * (part.numel() / rows.numel())
+            term = quant_error(x[part], r, qrt) * ((1.0 - sink_share) * part.numel() / rows.numel())
+            term.backward()
+            loss += float(term.detach())
+        if sink_share > 0:  # every sink row, every step: a few hundred rows
+            term = quant_error(smp.sink, r, qrt) * sink_share
             term.backward()
             loss += float(term.detach())
         for lo in range(0, vb.shape[0], PREFIT_CHUNK_LAYERS):
@@ -190,8 +204,10 @@ def prefit_rotations(model: DecoderLM, cfg: SpinQuantConfig, blocks: Tensor, r1:
     with torch.no_grad():
         end = float(quant_error(x[probe], fitted, qrt))
         end2 = float(head_quant_error(*head_probe, torch.stack(fitted2), qrt))
+        end_sink = float(quant_error(smp.sink, fitted, qrt))
     return fitted, fitted2, {"prefit_steps": tc.prefit_steps, "prefit_error_start": start, "prefit_error_end": end,
                              "prefit_head_error_start": start2, "prefit_head_error_end": end2,
+                             "prefit_sink_error_start": start_sink, "prefit_sink_error_end": end_sink,
                              "prefit_rows": int(x.shape[0]), "prefit_seconds": time.perf_counter() - t0}
 
 

@@ -43,8 +43,48 @@ def test_collected_inputs_are_unit_rows_from_every_layer_and_site() -> None:
     for t in (smp.x, smp.v, smp.o):
         assert torch.allclose(t.norm(dim=-1), torch.ones(t.shape[:-1]), atol=1e-5)
     again = collect_samples(model, blocks, None, micro=3, seed=0)  # micro-batching changes nothing
-    for t, u in ((smp.x, again.x), (smp.v, again.v), (smp.o, again.o)):
+    for t, u in ((smp.x, again.x), (smp.v, again.v), (smp.o, again.o), (smp.sink, again.sink)):
         assert torch.allclose(t, u, atol=1e-6)
+
+
+@torch.no_grad()
+def test_sink_rows_are_every_blocks_first_position_at_both_sites() -> None:
+    model = load_model(resolve_model(str(MODELS / "llama-tiny")))
+    fold_norms(model)
+    blocks = torch.randint(4, 1024, (3, 40), generator=torch.Generator().manual_seed(0))
+    smp = collect_samples(model, blocks, None, micro=2, seed=0)
+    a, n = model.arch, blocks.shape[0]
+    assert smp.sink.shape == (a.n_layers * 2 * n, a.hidden)
+    # The reference: the plain forward's layer inputs at position 0, normalised as each site sees them.
+    h = model.embed(blocks)
+    cos, sin = model.rope(blocks.shape[1], h.device, h.dtype)
+    for li, layer in enumerate(model.model.layers):
+        x1 = layer.input_layernorm(h)
+        mid = h + layer.self_attn(x1, cos, sin, None)
+        x2 = layer.post_attention_layernorm(mid)
+        for j, site in enumerate((x1, x2)):
+            want = site[:, 0] / site[:, 0].norm(dim=-1, keepdim=True)
+            got = smp.sink[(2 * li + j) * n : (2 * li + j + 1) * n]
+            assert torch.allclose(got, want, atol=1e-5), (li, j)
+        h = mid + layer.mlp(x2, None)
+
+
+def test_the_sink_share_lowers_the_sink_rows_error_further() -> None:
+    model = load_model(resolve_model(str(MODELS / "llama-massive")))
+    fold_norms(model)
+    blocks = torch.randint(4, 1024, (4, 64), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    r1 = random_hadamard_matrix(model.arch.hidden, gen)
+    r2s = [random_hadamard_matrix(model.arch.head_dim, gen) for _ in range(model.arch.n_layers)]
+    ends = {}
+    for share in (0.0, 0.5):
+        cfg = make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4, seq_len=64, settings={
+            "train.prefit_steps": 60, "train.prefit_blocks": 4, "train.prefit_sink_share": share})
+        qrt = build_runtime(cfg, model.arch, validate_environment(cfg, model.arch), a_bits=4, kv_bits=4, learning=True)
+        _, _, info = prefit_rotations(model, cfg, blocks, r1, r2s, QuantRuntime(), qrt)
+        ends[share] = info
+    assert ends[0.5]["prefit_sink_error_start"] == ends[0.0]["prefit_sink_error_start"]
+    assert ends[0.5]["prefit_sink_error_end"] < 0.9 * ends[0.0]["prefit_sink_error_end"], ends
 
 
 def test_prefit_lowers_the_quantization_error_of_the_real_inputs() -> None:
