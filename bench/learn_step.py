@@ -1,8 +1,9 @@
 """One rotation-learning step, timed by phase, beside a plain transformers forward+backward of the same batch.
 
 Ours: the step of quant_core.learn.train_rotations with the spinquant W16A4KV4 learning setup (train.loss=kl,
-train.ste=range, layer checkpointing): the FP teacher forward, the rotated fake-quantized forward, the fused
-lm_head loss (the vocabulary), and the backward (with the checkpoint recompute), plus the Cayley update.
+train.ste=range, layer checkpointing unless --no-checkpoint): the FP teacher forward, the rotated fake-quantized
+forward, the fused lm_head loss (the vocabulary), and the backward (with the checkpoint recompute), plus the Cayley
+update.
 Transformers: LlamaForCausalLM on the same ids with its own cross-entropy loss, (a) every parameter trainable,
 (b) parameters frozen and the gradient taken at the input embeddings (no weight gradients, as in learning).
 Medians of --repeat steps after one warm-up step.
@@ -36,10 +37,12 @@ from quant_core.rotation import fold_norms, fuse_r4  # noqa: E402
 TRAIN = ROOT / "tests" / "fixtures" / "text" / "train.txt"
 
 
-def ours(model_dir: Path, dtype: torch.dtype, batch: int, micro: int, seq: int, repeat: int) -> dict[str, Any]:
+def ours(model_dir: Path, dtype: torch.dtype, batch: int, micro: int, seq: int, repeat: int,
+         checkpoint_layers: bool) -> dict[str, Any]:
     src = resolve_model(str(model_dir))
     arch = arch_from_config(src.config)
-    cfg = make_config("spinquant", w_bits=16, a_bits=4, kv_bits=4, seq_len=seq, batch_size=batch, micro_batch=micro)
+    cfg = make_config("spinquant", w_bits=16, a_bits=4, kv_bits=4, seq_len=seq, batch_size=batch, micro_batch=micro,
+                      settings={"train.checkpoint_layers": checkpoint_layers})
     plans = validate_environment(cfg, arch)
     ids = train_blocks(encode(load_tokenizer(src.path), load_text(f"file:{TRAIN}", "train")), batch, seq)
     model = load_model(src, dtype=dtype)
@@ -118,6 +121,9 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="train.checkpoint_layers=false: keep every layer's activations instead of recomputing them "
+                        "in backward (faster, more memory)")
     p.add_argument("--json", default="-", help="a file, or - for stdout (the table then goes to stderr)")
     p.add_argument("--tune-allocator", action="store_true",
                    help="call quant_core.memory.tune_allocator first (off in the CLI and the worker)")
@@ -130,7 +136,7 @@ def main() -> int:
     dtype = getattr(torch, a.dtype)
     res = {"tune_allocator": a.tune_allocator, "dtype": a.dtype,
            "batch_size": a.batch_size, "micro_batch": a.micro_batch, "seq_len": a.seq_len,
-           **ours(a.model, dtype, a.batch_size, a.micro_batch, a.seq_len, a.repeat),
+           **ours(a.model, dtype, a.batch_size, a.micro_batch, a.seq_len, a.repeat, not a.no_checkpoint),
            **transformers_step(a.model, dtype, a.batch_size, a.seq_len, a.repeat)}
     res["ratio_to_transformers"] = res["ours_s"] / res["transformers_s"]
     text = json.dumps(res, indent=2)

@@ -36,10 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import types
 from pathlib import Path
+
+# GPTQModel sizes its CPU thread pool as half the cores, then asks for 2 loader workers from it: on a 2-core
+# machine that is 1 and it refuses to start ("requests 2 workers but parent 'cpu' only has 1").
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
 
 import torch
 import transformers  # noqa: F401  (before the stub below: transformers must see no torchvision)

@@ -113,9 +113,18 @@ def parse_r4(value: str) -> tuple[str, int | None]:
 @dataclass(frozen=True)
 class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    act_order: bool = False  # quantize columns by descending diag(H)
+    # Columns by descending diag(H), every group's scale fitted on the original weights up front (llm-compressor's
+    # actorder "static"): the stored groups stay contiguous, so every format and kernel holds the result as is.
+    # On SmolLM2-135M W4A16 g64: 29.52 against 31.92 in plain column order (llm-compressor 31.23, GPTQModel 30.47).
+    act_order: bool = True
     block_size: int = 128  # columns per lazy-update block
-    static_groups: bool = False  # fit all group scales on the original weights up front
+    static_groups: bool = True
+
+    @property
+    def permutes_groups(self) -> bool:
+        """Groups follow the processing order (act_order without static groups): the checkpoint needs a g_idx
+        that no GPTQ v1 (desc_act=false) loader or int4 kernel reads. Per channel there is one group per row."""
+        return self.act_order and not self.static_groups
 
     def __post_init__(self) -> None:
         _check_float(self.damp, "weights.gptq.damp", 0.0, 1.0)

@@ -53,7 +53,14 @@ def _weight_args(cfg: SpinQuantConfig) -> dict[str, Any]:
     g = cfg.weights.group_size
     return {"num_bits": cfg.weights.bits, "type": "int", "symmetric": cfg.weights.sym,
             "strategy": "group" if g > 0 else "channel", "group_size": g if g > 0 else None,
-            "dynamic": False, "actorder": "group" if (cfg.weights.gptq.act_order and g > 0) else None}
+            "dynamic": False, "actorder": _actorder(cfg) if g > 0 else None}
+
+
+def _actorder(cfg: SpinQuantConfig) -> str | None:
+    """compressed-tensors' name for how the groups were fitted: "group" (g_idx follows the processing order),
+    "static" (act order, contiguous groups), None (plain column order)."""
+    gq = cfg.weights.gptq
+    return "group" if gq.permutes_groups else ("static" if gq.act_order else None)
 
 
 def _act_args(cfg: SpinQuantConfig, group: int | None) -> dict[str, Any] | None:
@@ -136,7 +143,8 @@ def gptq_quantization_config(cfg: SpinQuantConfig) -> dict[str, Any]:
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": g if g > 0 else -1,
             "desc_act": False, "sym": True, "lm_head": False, "pack_dtype": "int32",
             "meta": {"quantizer": f"quant_core {__version__}", "damp_percent": cfg.weights.gptq.damp,
-                     "true_sequential": True, "static_groups": False,
+                     "true_sequential": True,
+                     "static_groups": cfg.weights.gptq.act_order and cfg.weights.gptq.static_groups,
                      "mse": 2.4 if cfg.weights.mse_clip else 0.0}}
 
 

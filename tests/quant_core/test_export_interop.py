@@ -91,7 +91,7 @@ def test_gptq_configs(w4a16) -> None:
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": -1, "desc_act": False,
         "sym": True, "lm_head": False, "pack_dtype": "int32"}
     assert qc["meta"]["quantizer"].startswith("quant_core ") and qc["meta"]["damp_percent"] == 0.01
-    assert qc["meta"]["true_sequential"] is True and qc["meta"]["static_groups"] is False
+    assert qc["meta"]["true_sequential"] is True and qc["meta"]["static_groups"] is True  # act order, contiguous groups
     assert cfg["tie_word_embeddings"] is False and cfg["dtype"] == "float16"
     assert "gptq" in (out / "gptq" / "serve.sh").read_text()
     # the compressed-tensors folder is untouched by the second format
@@ -123,7 +123,8 @@ def test_gptq_group_size_and_bias(tmp_path: Path) -> None:
     ({"a_bits": 4}, "activation bits 4"),
     ({"kv_bits": 8}, "KV bits 8"),
     ({"w_sym": False}, "asymmetric"),
-    ({"act_order": True}, "act_order"),
+    ({"act_order": True, "w_group_size": 32, "settings": {"weights.gptq.static_groups": False}},
+     "act_order without static groups"),
     ({"w_bits": 8}, "weights.bits=8"),
     ({"settings": {"rotation.r3": "on"}}, "R3"),
 ])
