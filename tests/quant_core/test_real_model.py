@@ -58,7 +58,10 @@ def test_w4a4kv4_spinquant_learns_exports_and_reloads(real_model: Path, tmp_path
     checks is learning on real activations, then export and reload."""
     cfg = make_config("spinquant", w_bits=4, a_bits=4, kv_bits=4, steps=2, batch_size=2, micro_batch=2,
                       train_samples=4, settings={"train.prefit_steps": 40, "train.prefit_blocks": 2,
-                                                 "weights.mse_clip": False}, **SMALL)
+                                                 "weights.mse_clip": False,
+                                                 # 40 steps: the sink rows' share (tested in test_prefit.py)
+                                                 # slows the uniform error checked here to 0.84x
+                                                 "train.prefit_sink_share": 0.0}, **SMALL)
     res = quantize_model(str(real_model), cfg)
     rep = res.report
     rot = rep["rotation"]
