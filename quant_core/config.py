@@ -120,12 +120,6 @@ class GPTQConfig:
     block_size: int = 128  # columns per lazy-update block
     static_groups: bool = True
 
-    @property
-    def permutes_groups(self) -> bool:
-        """Groups follow the processing order (act_order without static groups): the checkpoint needs a g_idx
-        that no GPTQ v1 (desc_act=false) loader or int4 kernel reads. Per channel there is one group per row."""
-        return self.act_order and not self.static_groups
-
     def __post_init__(self) -> None:
         _check_float(self.damp, "weights.gptq.damp", 0.0, 1.0)
         _check_bool(self.act_order, "weights.gptq.act_order")
@@ -141,6 +135,13 @@ class WeightQuantConfig:
     mse_clip: bool = True  # per-row/group clip search minimising sum |Q(w)-w|^2.4
     algo: WeightAlgo = WeightAlgo.GPTQ  # gptq or rtn
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+
+    @property
+    def permutes_groups(self) -> bool:
+        """Groups follow GPTQ's processing order (act_order without static groups, at a group size): the checkpoint
+        needs a g_idx that no GPTQ v1 (desc_act=false) loader or int4 kernel reads. Per channel there is one group
+        per row whatever the order."""
+        return self.group_size > 0 and self.gptq.act_order and not self.gptq.static_groups
 
     def __post_init__(self) -> None:
         _check_in(self.bits, W_BITS, "weights.bits")

@@ -59,8 +59,8 @@ def _weight_args(cfg: SpinQuantConfig) -> dict[str, Any]:
 def _actorder(cfg: SpinQuantConfig) -> str | None:
     """compressed-tensors' name for how the groups were fitted: "group" (g_idx follows the processing order),
     "static" (act order, contiguous groups), None (plain column order)."""
-    gq = cfg.weights.gptq
-    return "group" if gq.permutes_groups else ("static" if gq.act_order else None)
+    w = cfg.weights
+    return "group" if w.permutes_groups else ("static" if w.gptq.act_order else None)
 
 
 def _act_args(cfg: SpinQuantConfig, group: int | None) -> dict[str, Any] | None:
@@ -144,7 +144,7 @@ def gptq_quantization_config(cfg: SpinQuantConfig) -> dict[str, Any]:
             "desc_act": False, "sym": True, "lm_head": False, "pack_dtype": "int32",
             "meta": {"quantizer": f"quant_core {__version__}", "damp_percent": cfg.weights.gptq.damp,
                      "true_sequential": True,
-                     "static_groups": cfg.weights.gptq.act_order and cfg.weights.gptq.static_groups,
+                     "static_groups": cfg.weights.gptq.act_order and cfg.weights.gptq.static_groups,  # what GPTQModel calls it
                      "mse": 2.4 if cfg.weights.mse_clip else 0.0}}
 
 

@@ -22,7 +22,7 @@ def gptq_refusals(cfg: SpinQuantConfig, online_r4: bool) -> list[str]:
         why.append(f"weights.bits={cfg.weights.bits} (GPTQ v1 export writes 4-bit weights only)")
     if not cfg.weights.sym:
         why.append("asymmetric weights (weights.sym=false; the GPTQ export is symmetric only)")
-    if cfg.weights.gptq.permutes_groups and cfg.weights.group_size > 0:
+    if cfg.weights.permutes_groups:
         why.append("act_order without static groups (a permuted g_idx; the GPTQ export writes desc_act=false: "
                    "keep weights.gptq.static_groups=true)")
     if online_r4:

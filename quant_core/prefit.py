@@ -96,10 +96,11 @@ def collect_samples(model: DecoderLM, blocks: Tensor, rt: QuantRuntime | None, m
             picks = [torch.randperm(tokens, generator=gen)[:take].to(dev) for _ in range(3)]
             for j, (site, pick) in enumerate(zip(sites[:2], picks, strict=False)):
                 at_rows = slice((2 * li + j) * take, (2 * li + j + 1) * take)
-                x[at_rows] = _unit(torch.cat(site)[pick].float())
-                # row b*L of the site is block b's position 0: (N*L, d) -> (N, L, d)[:, 0]
+                rows = torch.cat(site)  # (N*L, d): row b*L is block b's position 0
+                x[at_rows] = _unit(rows[pick].float())
                 sink[(2 * li + j) * n_blocks : (2 * li + j + 1) * n_blocks] = _unit(
-                    torch.cat(site).view(n_blocks, -1, d)[:, 0].float())
+                    rows.view(n_blocks, -1, d)[:, 0].float())  # (N*L, d) -> (N, L, d)[:, 0]
+                del rows
             # (T, n_kv*hd) -> (T*n_kv, hd): one row per token-head
             v[li] = _unit(torch.cat(sites[2])[picks[2]].float().reshape(take * arch.n_kv, hd))
             o[li] = _unit(torch.cat(sites[3])[picks[2]].float())

@@ -211,7 +211,7 @@ def int4_kernels_apply(cfg: SpinQuantConfig, dtype: torch.dtype, device: str, ar
     that has it (CPU, or CUDA sm80+ with every linear's out a multiple of 8 and in of 32)."""
     g = cfg.weights.group_size
     fits = (dtype == torch.bfloat16 and cfg.weights.bits == 4 and cfg.weights.sym
-            and cfg.activations.bits == 16 and g in INT4_GROUPS and not cfg.weights.gptq.permutes_groups)
+            and cfg.activations.bits == 16 and g in INT4_GROUPS and not cfg.weights.permutes_groups)
     kind = torch.device(device).type
     if not fits or kind not in ("cpu", "cuda"):
         return False
